@@ -1,0 +1,336 @@
+"""Fused hierarchy-aware attention in Triton: FlashAttention-style forward and backward, log C computed on the fly.
+
+The constituent prior enters as its O(N) tables (SPEC §1): the cumulative break costs β of a token sequence
+(`TREE`), or the per-row and per-column cumulative costs R, Cc of a patch grid (`GROUP`, token 0 = CLS when
+HAS_CLS). Each tile rebuilds its log C from those tables, so no N×N prior or probability ever reaches memory.
+
+Modes, with S = QKᵀ/√d and B = log C:
+- bias:     O = softmax(S + B) V                     (normaliser over e^{S+B})
+- multiply: O = (C ⊙ softmax(S)) V = Σ_j e^{S+B} v_j / Σ_j e^{S}
+  One pass keeps the unbiased normaliser l = Σ e^{S-m} beside the biased numerator Σ e^{S+B-m} v: B ≤ 0, so the
+  running max of S bounds both. The saved row statistic is lse = m + log l of the normalising logits.
+Backward (W = the weights applied to V, P = the normalising softmax, D_i = dO_i·O_i):
+  dV = Wᵀ dO,  dS = W ⊙ (dO Vᵀ) − P ⊙ D,  dB = W ⊙ (dO Vᵀ) (multiply) or dS (bias).
+dB is summed over heads into one fp32 [B, N, N] buffer and taken back to the tables by autograd through the
+tables→log C function of model.hier_prior; everything else stays tiled. Accumulation is fp32; inputs are upcast
+to fp32 after loading when UPCAST (always under TRITON_INTERPRET=1, whose bf16 arithmetic is wrong).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from model.hier_prior import ConstituentPrior, group_log_prior, tree_log_prior
+
+
+
+@triton.jit
+def _log_prior_tile(offs_m, offs_n, t_ptr, r_ptr, c_ptr, KIND: tl.constexpr, HAS_CLS: tl.constexpr,
+                    GRID_H: tl.constexpr, GRID_W: tl.constexpr):
+    """log C for queries offs_m × keys offs_n of one sample, from its tables (see model.hier_prior)."""
+    if KIND == 0:  # tree: -(β_j - β_i)·sign(j - i)
+        beta_q = tl.load(t_ptr + offs_m, mask=offs_m < GRID_W, other=0.0)
+        beta_k = tl.load(t_ptr + offs_n, mask=offs_n < GRID_W, other=0.0)
+        sign = tl.where(offs_n[None, :] > offs_m[:, None], 1.0, tl.where(offs_n[None, :] < offs_m[:, None], -1.0, 0.0))
+        return -(beta_k[None, :] - beta_q[:, None]) * sign
+    else:  # group: minus the cheaper one-turn path
+        patch_m = tl.minimum(tl.maximum(offs_m - HAS_CLS, 0), GRID_H * GRID_W - 1)
+        patch_n = tl.minimum(tl.maximum(offs_n - HAS_CLS, 0), GRID_H * GRID_W - 1)
+        rq = (patch_m // GRID_W)[:, None]
+        cq = (patch_m % GRID_W)[:, None]
+        rk = (patch_n // GRID_W)[None, :]
+        ck = (patch_n % GRID_W)[None, :]
+        col_sign = tl.where(ck > cq, 1.0, tl.where(ck < cq, -1.0, 0.0))
+        row_sign = tl.where(rk > rq, 1.0, tl.where(rk < rq, -1.0, 0.0))
+        path_1 = (tl.load(r_ptr + rq * GRID_W + ck) - tl.load(r_ptr + rq * GRID_W + cq)) * col_sign \
+            + (tl.load(c_ptr + rk * GRID_W + ck) - tl.load(c_ptr + rq * GRID_W + ck)) * row_sign
+        path_2 = (tl.load(c_ptr + rk * GRID_W + cq) - tl.load(c_ptr + rq * GRID_W + cq)) * row_sign \
+            + (tl.load(r_ptr + rk * GRID_W + ck) - tl.load(r_ptr + rk * GRID_W + cq)) * col_sign
+        log_c = -tl.minimum(path_1, path_2)
+        if HAS_CLS:
+            log_c = tl.where((offs_m[:, None] == 0) | (offs_n[None, :] == 0), 0.0, log_c)
+        return log_c
+
+
+@triton.jit
+def _allowed_tile(offs_m, offs_n, n_ctx, length, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    allowed = (offs_m[:, None] < n_ctx) & (offs_n[None, :] < n_ctx)
+    if CAUSAL:
+        allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_LENGTHS:  # a padded query attends only to itself
+        real = (offs_m[:, None] < length) & (offs_n[None, :] < length)
+        allowed = allowed & (real | (offs_m[:, None] == offs_n[None, :]))
+    return allowed
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, t_ptr, r_ptr, c_ptr, len_ptr,
+                sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                n_heads, n_ctx, head_dim, scale, table_stride,
+                KIND: tl.constexpr, MULTIPLY: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                HAS_CLS: tl.constexpr, GRID_H: tl.constexpr, GRID_W: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < head_dim
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
+                mask=(offs_m[:, None] < n_ctx) & d_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    t_ptr += b * table_stride
+    r_ptr += b * table_stride
+    c_ptr += b * table_stride
+    length = n_ctx
+    if HAS_LENGTHS:
+        length = tl.load(len_ptr + b)
+
+    # A finite initial max: a tile whose keys are all masked gives exp(-inf - m) = 0, never NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(n_ctx, start_m + BLOCK_M) if CAUSAL else n_ctx
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < n_ctx) & d_ok
+        k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        log_c = _log_prior_tile(offs_m, offs_n, t_ptr, r_ptr, c_ptr, KIND, HAS_CLS, GRID_H, GRID_W)
+        allowed = _allowed_tile(offs_m, offs_n, n_ctx, length, CAUSAL, HAS_LENGTHS)
+        logits = s if MULTIPLY else s + log_c  # the logits that normalise
+        logits = tl.where(allowed, logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(logits - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        w = p * tl.exp(log_c) if MULTIPLY else p  # C ⊙ P: B ≤ 0, so m_new bounds the numerator too
+        acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    row_ok = offs_m < n_ctx
+    l_i = tl.where(row_ok, l_i, 1.0)  # rows past the end have no keys; keep them finite
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok)
+    tl.store(lse_ptr + bh * n_ctx + offs_m, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, t_ptr, r_ptr, c_ptr, n_ctx, length, scale,
+              KIND: tl.constexpr, MULTIPLY: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+              HAS_CLS: tl.constexpr, GRID_H: tl.constexpr, GRID_W: tl.constexpr, PRECISION: tl.constexpr):
+    """Recompute one [BLOCK_M, BLOCK_N] tile: W (weights on V), dS (score gradient) and dB (log C gradient)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    log_c = _log_prior_tile(offs_m, offs_n, t_ptr, r_ptr, c_ptr, KIND, HAS_CLS, GRID_H, GRID_W)
+    allowed = _allowed_tile(offs_m, offs_n, n_ctx, length, CAUSAL, HAS_LENGTHS)
+    logits = s if MULTIPLY else s + log_c
+    p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
+    w = p * tl.exp(log_c) if MULTIPLY else p
+    dw = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dO_i·v_j
+    ds = w * dw - p * delta[:, None]
+    db = w * dw if MULTIPLY else ds
+    return w, ds, db
+
+
+@triton.jit
+def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, db_ptr,
+                   t_ptr, r_ptr, c_ptr, len_ptr,
+                   sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n,
+                   n_heads, n_ctx, head_dim, scale, table_stride,
+                   KIND: tl.constexpr, MULTIPLY: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                   HAS_CLS: tl.constexpr, GRID_H: tl.constexpr, GRID_W: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One block of keys: dK, dV over all queries, and this head's share of dB (atomically summed over heads)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < head_dim
+    kv_mask = (offs_n[:, None] < n_ctx) & d_ok
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    t_ptr += b * table_stride
+    r_ptr += b * table_stride
+    c_ptr += b * table_stride
+    length = n_ctx
+    if HAS_LENGTHS:
+        length = tl.load(len_ptr + b)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    for start_m in range(lo, n_ctx, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_mask = (offs_m[:, None] < n_ctx) & d_ok
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_n + offs_d[None, :], mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_ptr + bh * n_ctx + offs_m, mask=offs_m < n_ctx, other=0.0)
+        delta = tl.load(delta_ptr + bh * n_ctx + offs_m, mask=offs_m < n_ctx, other=0.0)
+        w, ds, db = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, t_ptr, r_ptr, c_ptr, n_ctx, length, scale,
+                              KIND, MULTIPLY, CAUSAL, HAS_LENGTHS, HAS_CLS, GRID_H, GRID_W, PRECISION)
+        dv += tl.dot(tl.trans(w).to(do.dtype), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+        tile_ok = (offs_m[:, None] < n_ctx) & (offs_n[None, :] < n_ctx)
+        tl.atomic_add(db_ptr + b * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :], db, mask=tile_ok)
+
+    tl.store(dk_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, t_ptr, r_ptr, c_ptr, len_ptr,
+                  sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n,
+                  n_heads, n_ctx, head_dim, scale, table_stride,
+                  KIND: tl.constexpr, MULTIPLY: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                  HAS_CLS: tl.constexpr, GRID_H: tl.constexpr, GRID_W: tl.constexpr, UPCAST: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One block of queries: dQ over all keys."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < head_dim
+    q_mask = (offs_m[:, None] < n_ctx) & d_ok
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_n + offs_d[None, :], mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(lse_ptr + bh * n_ctx + offs_m, mask=offs_m < n_ctx, other=0.0)
+    delta = tl.load(delta_ptr + bh * n_ctx + offs_m, mask=offs_m < n_ctx, other=0.0)
+    t_ptr += b * table_stride
+    r_ptr += b * table_stride
+    c_ptr += b * table_stride
+    length = n_ctx
+    if HAS_LENGTHS:
+        length = tl.load(len_ptr + b)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(n_ctx, start_m + BLOCK_M) if CAUSAL else n_ctx
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < n_ctx) & d_ok
+        k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        _, ds, _ = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, t_ptr, r_ptr, c_ptr, n_ctx, length, scale,
+                             KIND, MULTIPLY, CAUSAL, HAS_LENGTHS, HAS_CLS, GRID_H, GRID_W, PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    tl.store(dq_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch and autograd.
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch_config(q: Tensor, kind: str, has_cls: bool, grid_hw: tuple[int, int], causal: bool, mode: str,
+                   lengths: Tensor | None) -> dict:
+    upcast = _interpreting() or q.dtype == torch.float32
+    precision = "tf32" if (q.is_cuda and q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    block = 64 if _interpreting() else 64  # the interpreter is fast with big tiles; 64 suits one SM's SRAM
+    return dict(KIND=0 if kind == "tree" else 1, MULTIPLY=mode == "multiply", CAUSAL=causal,
+                HAS_LENGTHS=lengths is not None, HAS_CLS=has_cls, GRID_H=grid_hw[0], GRID_W=grid_hw[1],
+                UPCAST=upcast, PRECISION=precision, BLOCK_M=block, BLOCK_N=block,
+                BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
+
+
+def _strides(x: Tensor) -> tuple[int, int, int]:
+    assert x.stride(-1) == 1, "the head dimension must be contiguous"
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+class _HierAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, table_1, table_2, lengths, kind, has_cls, causal, mode):
+        b, h, n, d = q.shape
+        if kind == "tree":
+            beta, row_cost, col_cost = table_1.float().contiguous(), None, None
+            grid_hw, tables = (1, n), (beta, beta, beta)
+        else:
+            beta, row_cost, col_cost = None, table_1.float().contiguous(), table_2.float().contiguous()
+            grid_hw, tables = tuple(row_cost.shape[1:]), (row_cost, row_cost, col_cost)
+        meta = _launch_config(q, kind, has_cls, grid_hw, causal, mode, lengths)
+        lens = lengths.to(torch.int32).contiguous() if lengths is not None else q.new_zeros(1, dtype=torch.int32)
+        o = torch.empty_like(q)
+        lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+        grid = (triton.cdiv(n, meta["BLOCK_M"]), b * h)
+        _fwd_kernel[grid](q, k, v, o, lse, *tables, lens, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                          h, n, d, 1.0 / math.sqrt(d), tables[0][0].numel(), **meta)
+        ctx.save_for_backward(q, k, v, o, lse, table_1, table_2, lengths)
+        ctx.meta, ctx.kind, ctx.has_cls = meta, kind, has_cls
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, table_1, table_2, lengths = ctx.saved_tensors
+        meta = ctx.meta
+        b, h, n, d = q.shape
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        delta = (do.float() * o.float()).sum(-1).contiguous()  # D_i = dO_i·O_i
+        if ctx.kind == "tree":
+            beta = table_1.float().contiguous()
+            tables = (beta, beta, beta)
+        else:
+            row_cost, col_cost = table_1.float().contiguous(), table_2.float().contiguous()
+            tables = (row_cost, row_cost, col_cost)
+        lens = lengths.to(torch.int32).contiguous() if lengths is not None else q.new_zeros(1, dtype=torch.int32)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        d_log_c = torch.zeros(b, n, n, device=q.device, dtype=torch.float32)  # summed over heads
+        common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), h, n, d, 1.0 / math.sqrt(d),
+                  tables[0][0].numel())
+        _bwd_kv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), b * h)](
+            q, k, v, do, lse, delta, dk, dv, d_log_c, *tables, lens, *common, **meta)
+        _bwd_q_kernel[(triton.cdiv(n, meta["BLOCK_M"]), b * h)](
+            q, k, v, do, lse, delta, dq, *tables, lens, *common, **meta)
+        d_table_1 = d_table_2 = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            # Tables -> log C is cheap and per sample: let autograd carry dB back to the tables.
+            with torch.enable_grad():
+                t1 = table_1.detach().requires_grad_()
+                t2 = table_2.detach().requires_grad_() if table_2 is not None else None
+                log_c = tree_log_prior(t1) if ctx.kind == "tree" else group_log_prior(t1, t2, ctx.has_cls)
+                inputs = (t1,) if t2 is None else (t1, t2)
+                grads = torch.autograd.grad(log_c, inputs, d_log_c.to(log_c.dtype))
+            d_table_1 = grads[0]
+            d_table_2 = grads[1] if t2 is not None else None
+        return dq, dk, dv, d_table_1, d_table_2, None, None, None, None, None
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, prior: ConstituentPrior, *, causal: bool) -> Tensor:
+    """Fused hierarchy-aware attention over [B, H, N, D] (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+    if prior.kind == "tree":
+        return _HierAttention.apply(q, k, v, prior.beta, None, prior.lengths, "tree", False, causal, prior.mode)
+    return _HierAttention.apply(q, k, v, prior.row_cost, prior.col_cost, None, "group", prior.has_cls, causal,
+                                prior.mode)

@@ -1,0 +1,114 @@
+"""Gradient cache (GradCache, SPEC §3): the contrastive batch is bounded by the loss, not by activation memory.
+
+One optimizer step over a local batch split into chunks:
+1. forward every chunk without autograd, saving the RNG state (CPU and device) before each, so dropout
+   replays identically later; keep only the embeddings;
+2. compute the loss on the embeddings (the loss gathers them from every rank) with detached leaves, and
+   backward it: this yields ∂L/∂(local embeddings) and ∂L/∂(logit scale), and nothing else;
+3. per chunk: restore its RNG state, forward with autograd, and backward the surrogate
+   Σ embeddings · cached gradient, whose parameter gradient is exactly that chunk's share of ∂L/∂θ.
+
+The replayed backwards accumulate in the engine, and `engine.coalesce_grad_reduction()` issues ONE gradient
+reduction (ZeRO-2 reduce / ZeRO-3 reduce-scatter) when the block exits, not one per chunk. Under ZeRO-3 that
+costs one unpartitioned fp32 gradient of the whole model per rank until the exit (docs/performance.md);
+`reduction: boundary` trades it for one reduction per chunk.
+
+Every rank runs the same number of chunks (the per-rank batch is fixed) and every chunk runs the whole
+model and backs through every embedding it returned, with zero gradients for levels the loss does not use:
+ZeRO-3 needs identical module calls on all ranks, and a stable prefetch trace needs every chunk alike.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+LossFn = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
+
+# Model outputs that are one value per batch rather than one row per sample.
+PER_BATCH_OUTPUTS = ("logit_scale",)
+
+
+@dataclass
+class GradCacheConfig:
+    chunk_size: int = 0  # samples per chunk on each rank; 0 turns the cache off
+    reduction: str = "coalesce"  # coalesce: one gradient reduction per step | boundary: one per chunk
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 0:
+            raise ValueError(f"grad_cache.chunk_size must be ≥ 0, got {self.chunk_size}")
+        if self.reduction not in ("coalesce", "boundary"):
+            raise ValueError(f"grad_cache.reduction must be 'coalesce' or 'boundary', got {self.reduction!r}")
+
+
+def split_batch(batch: dict, chunk_size: int) -> list[dict]:
+    """Cut every per-sample tensor of the batch along dim 0; anything else is shared by all chunks."""
+    size = batch["image"].shape[0]
+    return [{k: v[start : start + chunk_size] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+            for start in range(0, size, chunk_size)]
+
+
+def _rng_state() -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
+    cpu, device = state
+    torch.set_rng_state(cpu)
+    if device is not None:
+        torch.cuda.set_rng_state(device)
+
+
+def cached_backward(engine, batch: dict, loss_fn: LossFn, cfg: GradCacheConfig) -> tuple[Tensor, dict, Tensor]:
+    """Accumulate ∂(global loss)/∂θ in the engine chunk by chunk; the caller runs `engine.step()`.
+
+    loss_fn maps model outputs (embeddings by level, masks, `logit_scale`) to (this rank's loss, metrics), as
+    the plain step does. Returns (detached loss, metrics, logit scale).
+    """
+    chunks = split_batch(batch, cfg.chunk_size)
+
+    # 1. Embeddings of every chunk, no activations kept.
+    rng_states, outputs = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            rng_states.append(_rng_state())
+            outputs.append(engine(chunk))
+
+    # 2. Loss on detached leaves -> the gradient each embedding must carry back into the towers.
+    leaves = {k: (outputs[0][k] if k in PER_BATCH_OUTPUTS else torch.cat([o[k] for o in outputs])).detach()
+              for k in outputs[0]}
+    for value in leaves.values():
+        if value.is_floating_point():
+            value.requires_grad_()
+    loss, metrics = loss_fn(leaves)
+    # Each rank's loss covers its own rows (their sum is the global loss) and DeepSpeed averages gradients over
+    # ranks: scale by the world size, for the embeddings and for the temperature alike (model/losses.py).
+    (loss * dist.get_world_size()).backward()
+    cached = {k: v.grad if v.grad is not None else torch.zeros_like(v)
+              for k, v in leaves.items() if v.requires_grad}
+    # Every replayed chunk recomputes the same logit scale: each carries an equal share of its gradient.
+    for k in PER_BATCH_OUTPUTS:
+        cached[k] = cached[k] / len(chunks)
+
+    # 3. Replay each chunk with autograd and push the cached gradients through it.
+    with _single_reduction(engine, cfg.reduction):
+        start = 0
+        for j, (chunk, rng) in enumerate(zip(chunks, rng_states)):
+            _set_rng_state(rng)
+            out = engine(chunk)
+            size = chunk["image"].shape[0]
+            surrogate = sum((out[k] * (g if k in PER_BATCH_OUTPUTS else g[start : start + size])).sum()
+                            for k, g in cached.items())
+            if cfg.reduction == "boundary":
+                engine.set_gradient_accumulation_boundary(j == len(chunks) - 1)
+            engine.backward(surrogate)
+            start += size
+    return loss.detach(), metrics, leaves["logit_scale"].detach()
+
+
+def _single_reduction(engine, reduction: str):
+    return engine.coalesce_grad_reduction() if reduction == "coalesce" else nullcontext()

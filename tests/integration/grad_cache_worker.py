@@ -1,0 +1,119 @@
+"""Run under torchrun: for each case, the gradient-cached step and a plain full-batch step through the same
+DeepSpeed engine, and the relative error between their full parameter gradients. Rank 0 writes one JSON line per
+case to OUT_FILE.
+
+    torchrun --nproc_per_node 2 tests/integration/grad_cache_worker.py OUT_FILE CASES_JSON
+
+A case: {"name", "stage": 2|3, "loss": clip|pyramid, "attention": vanilla|hier, "dropout", "reduction",
+"missing_on_rank1": bool (rank 1's samples have no regions and no summaries), "replay_rng": bool}.
+"""
+import json
+import sys
+from contextlib import nullcontext
+from unittest import mock
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
+
+from model.clip import CLIP
+from model.losses import LossConfig, compute_loss
+from recipes import grad_cache
+from recipes.config import load_config
+from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
+from recipes.grad_cache import GradCacheConfig, cached_backward, split_batch
+from recipes.step import split_levels
+from tests.unit.test_pyramid_model import pyramid_batch, small_config
+
+BATCH, CHUNK = 6, 4  # per rank: two chunks of unequal size
+
+
+def build(case: dict, info):
+    cfg = load_config(None, [f"train.ds_config=ds_configs/zero{case['stage']}.json", f"train.batch_size={BATCH}",
+                             "train.lr=0.0", "train.grad_clip=0.0", "train.precision=fp32", "train.warmup_steps=1"])
+    cfg.model = small_config(case["attention"], dropout=case["dropout"])
+    ds = deepspeed_config(cfg)
+    # Partition every parameter under ZeRO-3, however small (the recipe's threshold keeps tiny ones whole).
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    torch.manual_seed(0)
+    with model_init_context(ds):
+        model = CLIP(cfg.model)
+    return build_engine(model, cfg, ds)  # lr = 0: engine.step() clears gradients and leaves weights alone
+
+
+def make_batch(case: dict, rank: int) -> dict:
+    batch = pyramid_batch(BATCH, seed=rank + 1)
+    if case["missing_on_rank1"] and rank == 1:
+        batch["boxes_mask"] = torch.zeros_like(batch["boxes_mask"])
+        batch["summary_mask"] = torch.zeros_like(batch["summary_mask"])
+    if case["loss"] == "clip":
+        batch = {k: batch[k] for k in ("image", "text")}
+    return batch
+
+
+def full_grads(engine) -> dict[str, torch.Tensor]:
+    # A collective under ZeRO-3 (the partitions are gathered): every rank walks the parameters in one order.
+    return {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()}
+
+
+def reference_backward(engine, batch: dict, loss_fn) -> torch.Tensor:
+    """The plain step: one autograd graph over the whole local batch, one backward of the global loss.
+
+    The forward visits the batch in the cache's chunks so that dropout draws the same masks in the same order:
+    the model's randomness is consumed per call, and the comparison is about gradients, not RNG bookkeeping.
+    """
+    outs = [engine(chunk) for chunk in split_batch(batch, CHUNK)]
+    out = {k: outs[0][k] if k == "logit_scale" else torch.cat([o[k] for o in outs]) for k in outs[0]}
+    loss, _ = loss_fn(out)
+    engine.backward(loss * dist.get_world_size())
+    return loss.detach()
+
+
+def run_case(case: dict, info) -> dict:
+    engine = build(case, info)
+    loss_cfg = LossConfig(kind=case["loss"])
+    batch = make_batch(case, info.rank)
+
+    def loss_fn(out):
+        image, text, masks = split_levels(out)
+        return compute_loss(loss_cfg, image, text, masks, out["logit_scale"], gather=True)
+
+    torch.manual_seed(100 + info.rank)
+    ref_loss = reference_backward(engine, batch, loss_fn)
+    ref = full_grads(engine)
+    engine.step()
+
+    torch.manual_seed(100 + info.rank)
+    # The negative control: without the RNG replay the chunks' dropout masks differ between the two passes.
+    no_replay = mock.patch.object(grad_cache, "_set_rng_state", lambda state: None)
+    with nullcontext() if case["replay_rng"] else no_replay:
+        loss, metrics, _ = cached_backward(engine, batch, loss_fn, GradCacheConfig(CHUNK, case["reduction"]))
+    got = full_grads(engine)
+    engine.step()
+
+    rel = {name: ((got[name] - g).norm() / g.norm().clamp(min=1e-30)).item() for name, g in ref.items()}
+    worst = max(rel, key=rel.get)
+    return {
+        **case, "max_rel_err": rel[worst], "worst_param": worst,
+        "loss_diff": abs(loss.item() - ref_loss.item()),
+        "grad_norm": torch.stack([g.norm() for g in ref.values()]).norm().item(),
+        "region_grad_norm": sum(g.norm().item() for n, g in ref.items() if n.startswith("visual.regions.")),
+        "logit_scale_grad": ref["logit_scale"].item(),
+        "pairs_region_summary": float(metrics.get("pairs/region_summary", -1)),
+    }
+
+
+def main(out_file: str, cases_json: str) -> None:
+    torch.set_num_threads(1)
+    info = init_distributed()
+    results = [run_case(case, info) for case in json.loads(cases_json)]
+    if info.rank == 0:
+        with open(out_file, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    deepspeed.utils.logger.setLevel("WARNING")
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,184 @@
+"""Hierarchy-aware attention: the efficient CPU path against the reference, gradcheck, dispatch, and training."""
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.clip import CLIP
+from model.config import PRESETS, HierConfig
+from model.hier_attention import hier_attention, reference_attention, sdpa_attention
+from model.hier_prior import GroupPrior, TreePrior
+from model.losses import LossConfig, compute_loss
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# name: (prior factory, tokens, padding lengths or None, causal)
+CASES = {
+    "text_causal_padded": (lambda cfg: TreePrior(32, cfg=cfg), 13, [13, 9, 4], True),
+    "text_bidirectional_padded": (lambda cfg: TreePrior(32, cfg=cfg), 13, [13, 9, 4], False),
+    "text_causal_unpadded": (lambda cfg: TreePrior(32, cfg=cfg), 13, None, True),
+    "vision_cls_grid": (lambda cfg: GroupPrior(32, grid=(4, 3), has_cls=True, cfg=cfg), 13, None, False),
+    "vision_no_cls": (lambda cfg: GroupPrior(32, grid=(3, 5), has_cls=False, cfg=cfg), 15, None, False),
+}
+
+
+def padding(lengths, n):
+    return None if lengths is None else torch.arange(n)[None, :] >= torch.tensor(lengths)[:, None]
+
+
+def forward_backward(attend, module, x, q, k, v, pad, causal, seed=1):
+    """Output and gradients w.r.t. q, k, v, the block input x, and the prior's parameters (two layers deep)."""
+    module.zero_grad()
+    x, q, k, v = (t.detach().clone().requires_grad_() for t in (x, q, k, v))
+    links, _ = module(x, None, pad)
+    _, prior = module(x.flip(1), links, pad)  # a second layer: the non-splittable update is on the path
+    out = attend(q, k, v, prior, causal=causal)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    (out * weights).sum().backward()
+    return {"out": out, "q": q.grad, "k": k.grad, "v": v.grad, "x": x.grad,
+            **{name: p.grad.clone() for name, p in module.named_parameters()}}
+
+
+def assert_relative_close(got: dict, want: dict, tol: float, context: str = ""):
+    for name in want:
+        err = (got[name].float() - want[name]).abs().max() / want[name].abs().max()
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e} {context}"
+
+
+def random_inputs(n, heads=3, head_dim=16, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, 32, generator=g)
+    q, k, v = torch.randn(3, batch, heads, n, head_dim, generator=g).unbind(0)
+    return x, q, k, v
+
+
+def check_against_reference(attend, case: str, mode: str, seed: int) -> None:
+    """Forward and gradients (q, k, v, block input, prior parameters) within 1e-4 relative, fp32."""
+    make, n, lengths, causal = CASES[case]
+    torch.manual_seed(seed)
+    module = make(HierConfig(prior_mode=mode, sigma=4.0))  # σ small enough that links move away from 1/2
+    x, q, k, v = random_inputs(n, seed=seed)
+    pad = padding(lengths, n)
+    want = forward_backward(reference_attention, module, x, q, k, v, pad, causal)
+    got = forward_backward(attend, module, x, q, k, v, pad, causal)
+    assert_relative_close(got, want, 1e-4, f"({case}, {mode}, seed {seed})")
+
+
+def check_fp16_over_several_tiles(attend, mode: str) -> None:
+    """77 tokens over 64-wide tiles (a partial second tile, causal tile skipping) with fp16 q, k, v."""
+    torch.manual_seed(0)
+    module = TreePrior(32, cfg=HierConfig(prior_mode=mode, sigma=4.0))
+    x, q, k, v = random_inputs(77, batch=2, heads=2, head_dim=24)
+    q, k, v = (t.half().float() for t in (q, k, v))  # the reference sees the same rounded inputs
+    pad = padding([77, 30], 77)
+    want = forward_backward(reference_attention, module, x, q, k, v, pad, True)
+    got = forward_backward(attend, module, x, q.half(), k.half(), v.half(), pad, True)
+    assert got["out"].dtype == got["q"].dtype == torch.float16
+    assert_relative_close(got, want, 5e-3, f"(fp16, {mode})")
+
+
+@pytest.mark.parametrize("mode", ["multiply", "bias"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_sdpa_path_matches_reference(case, mode):
+    check_against_reference(sdpa_attention, case, mode, seed=torch.seed() % 2**31)  # fresh inputs each run
+
+
+def _check_triton_against_reference(seed: int) -> None:
+    """Runs in a fresh interpreter with TRITON_INTERPRET=1 (triton reads the flag when kernels are defined)."""
+    from model.kernels.hier_attention_triton import triton_attention
+
+    for mode in ("multiply", "bias"):
+        for case in CASES:
+            check_against_reference(triton_attention, case, mode, seed)
+        check_fp16_over_several_tiles(triton_attention, mode)
+
+
+def test_triton_kernel_matches_reference_under_interpreter():
+    seed = torch.seed() % 2**31
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    code = f"import tests.unit.test_hier_attention as t; t._check_triton_against_reference({seed})"
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_multiply_is_not_renormalised_and_bias_is():
+    torch.manual_seed(0)
+    x, q, k, _ = random_inputs(9)
+    ones = torch.ones(3, 3, 9, 16)
+    for mode, expect_unit_rows in (("multiply", False), ("bias", True)):
+        _, prior = TreePrior(32, cfg=HierConfig(prior_mode=mode, sigma=1.0))(x, None, None)
+        row_sums = sdpa_attention(q, k, ones, prior, causal=False)[..., 0]  # V = 1 gives the row sums of the weights
+        assert torch.allclose(row_sums, torch.ones_like(row_sums)) == expect_unit_rows
+        assert (row_sums <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("mode", ["multiply", "bias"])
+@pytest.mark.parametrize("kind", ["text", "vision"])
+def test_reference_gradcheck_float64(kind, mode):
+    torch.manual_seed(0)
+    cfg = HierConfig(prior_mode=mode, sigma=1.0)
+    if kind == "text":
+        module, n, pad, causal = TreePrior(8, cfg=cfg).double(), 5, padding([5, 3], 5), True
+    else:
+        module, n, pad, causal = GroupPrior(8, grid=(2, 2), has_cls=True, cfg=cfg).double(), 5, None, False
+    x = torch.randn(2, n, 8, dtype=torch.float64, requires_grad=True)
+    q, k, v = (torch.randn(2, 2, n, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def layer(x, q, k, v):
+        links, _ = module(x, None, pad)
+        _, prior = module(x * 0.5, links, pad)
+        return reference_attention(q, k, v, prior, causal=causal)
+
+    assert torch.autograd.gradcheck(layer, (x, q, k, v))
+
+
+def test_auto_picks_sdpa_on_cpu_and_logs_it_once(caplog):
+    torch.manual_seed(0)
+    x, q, k, v = random_inputs(9)
+    _, prior = TreePrior(32, cfg=HierConfig(attn_impl="auto"))(x, None, None)
+    with caplog.at_level(logging.INFO, logger="hiclip.model"):
+        from model import hier_attention as module
+
+        module._log_pick.cache_clear()
+        out = hier_attention(q, k, v, prior, causal=True)
+        hier_attention(q, k, v, prior, causal=True)
+    picks = [r.getMessage() for r in caplog.records if "picked" in r.getMessage()]
+    assert picks == [picks[0]] and "sdpa" in picks[0]
+    torch.testing.assert_close(out, sdpa_attention(q, k, v, prior, causal=True))
+    with pytest.raises(ValueError, match="attn_impl"):
+        hier_attention(q, k, v, dataclasses.replace(prior, impl="fast"), causal=True)
+
+
+def test_tiny_clip_with_hier_towers_trains():
+    torch.manual_seed(0)
+    base = PRESETS["tiny"]
+    cfg = dataclasses.replace(base, vision=dataclasses.replace(base.vision, attention="hier"),
+                              text=dataclasses.replace(base.text, attention="hier"))
+    model = CLIP(cfg)
+    assert all(block.prior is not None for block in model.visual.transformer.blocks)
+    assert all(block.prior is not None for block in model.text.transformer.blocks)
+    images = torch.randn(8, 3, 64, 64)
+    text = torch.zeros(8, 77, dtype=torch.long)
+    for i in range(8):
+        n = 4 + i
+        text[i, 0], text[i, 1:n - 1], text[i, n - 1] = 49406, torch.randint(1, 49000, (n - 2,)), 49407
+    loss_cfg = LossConfig(kind="clip", label_smoothing=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        out = model({"image": images, "text": text})
+        loss, _ = compute_loss(loss_cfg, {"global": out["global"]}, {"caption": out["caption"]}, {},
+                               out["logit_scale"], gather=False)
+        optimizer.zero_grad()
+        loss.backward()
+        prior_grad = model.text.transformer.blocks[0].prior.w_q.weight.grad
+        assert prior_grad is not None and prior_grad.abs().sum() > 0  # the priors learn too
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
