@@ -3,8 +3,9 @@
 One full ViT-B transformer block (width 768, 12 heads, MLP ×4; attention + MLP, forward + backward) on CPU, with
 the vision Group prior (CLS + an S×S patch grid) at N = 50, 197, 577 tokens (ViT-B/32 and B/16 at 224², B/16 at
 384²), for: vanilla SDPA, the hier reference (materialised C, multiply), and the hier efficient path (SDPA with
-log C from the O(N) tables) in both prior modes. Times are medians over repeats with the variants interleaved
-(the machine is shared); peak memory is the largest total of live tensors during one step (torch MemTracker:
+log C from the O(N) tables) in both prior modes. Time is the process's CPU time per step (with one intra-op
+thread it is the work done, whatever else runs on a shared machine), the median over repeats with the variants
+interleaved; peak memory is the largest total of live tensors during one step (torch MemTracker:
 parameters, activations, temporaries, gradients). Last line: one JSON object with the ratios at N = 197.
 
     python bench/attention.py [--batch 8] [--batch-577 2] [--repeats 7] [--threads 1]
@@ -63,9 +64,9 @@ def time_variants(blocks: dict[str, Block], x, repeats: int, warmup: int) -> dic
             block = blocks[name]
             block.zero_grad(set_to_none=True)
             xr = x.detach().requires_grad_()
-            start = time.perf_counter()
+            start = time.process_time()
             step(block, xr)
-            elapsed = time.perf_counter() - start
+            elapsed = time.process_time() - start
             if r >= warmup:
                 times[name].append(elapsed)
     return {name: statistics.median(ts) for name, ts in times.items()}
@@ -87,13 +88,13 @@ def main() -> None:
     parser.add_argument("--batch-577", type=int, default=2, help="smaller batch at N = 577 to keep the run short")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: steadier on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (CPU time is exact with 1)")
     parser.add_argument("--tokens", type=int, nargs="+", default=list(GRIDS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}, "
-          f"block width {WIDTH}, heads {HEADS}, fwd+bwd, median of {args.repeats}")
+          f"block width {WIDTH}, heads {HEADS}, fwd+bwd CPU time, median of {args.repeats}")
     print(f"{'N':>4} {'batch':>5} {'variant':<24} {'time ms':>9} {'× vanilla':>9} {'peak MiB':>9} {'× vanilla':>9}")
     results = {}
     for n in args.tokens:

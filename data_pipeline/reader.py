@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import get_worker_info
 
 from data_pipeline.sources import ShardSchedule
 from data_pipeline.tar_io import RawSample, ShardReadError, fetch_samples, iter_samples
@@ -27,6 +28,8 @@ from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.transforms import SampleTransform, SkipSample, collate
 
 logger = logging.getLogger("hiclip.data")
+LOG_FIRST_SKIPS = 10  # per reason and stream, then one line every LOG_EVERY_SKIPS
+LOG_EVERY_SKIPS = 1000
 
 
 class DataQualityError(RuntimeError):
@@ -47,7 +50,11 @@ class StreamState:
     skipped: dict[str, int] = field(default_factory=dict)  # source -> of which skipped
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """A snapshot (taken once per batch: shallow copies, not `dataclasses.asdict`'s deep walk)."""
+        snapshot = dict(vars(self))
+        for name in ("buffer", "skips", "seen", "skipped"):
+            snapshot[name] = type(snapshot[name])(snapshot[name])
+        return snapshot
 
     @classmethod
     def from_dict(cls, state: dict | None) -> "StreamState":
@@ -65,6 +72,21 @@ class StreamState:
 class ReaderLimits:
     max_skip_rate: float
     min_samples: int
+
+
+@contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator (what v2 transforms draw from) for one sample. In the training process
+    (workers=0) the caller's RNG state is put back afterwards. `torch.manual_seed` is avoided: it also
+    seeds every accelerator and costs ~0.4 ms, more than a sample's crop."""
+    generator = torch.default_generator
+    saved = generator.get_state() if get_worker_info() is None else None
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            generator.set_state(saved)
 
 
 def augmentation_seed(seed: int, stream: int, drawn: int) -> int:
@@ -129,13 +151,12 @@ class StreamReader:
         (cursor, _), raw = buffer.pop()
         self.state.drawn += 1
         source, url = self.schedule.shard(cursor)
-        with torch.random.fork_rng(devices=[]):  # never disturb the caller's RNG (workers=0 runs in-process)
-            torch.manual_seed(augmentation_seed(self.seed, self.stream, self.state.drawn))
-            try:
+        try:
+            with seeded_cpu_rng(augmentation_seed(self.seed, self.stream, self.state.drawn)):
                 sample = self.transform(raw)
-            except SkipSample as skip:
-                self._count_skip(source, url, skip.reason, f"sample {raw.key}: {skip}")
-                return None
+        except SkipSample as skip:
+            self._count_skip(source, url, skip.reason, f"sample {raw.key}: {skip}")
+            return None
         self._count_seen(source)
         pending.append(sample)
         if len(pending) < self.batch_size:
@@ -195,11 +216,14 @@ class StreamReader:
         state.skips[reason] = state.skips.get(reason, 0) + 1
         state.skipped[name] = state.skipped.get(name, 0) + 1
         self._count_seen(source)
-        logger.warning("data: skipped (%s) in %s: %s", reason, url, detail)
+        count = state.skips[reason]
+        if count <= LOG_FIRST_SKIPS or count % LOG_EVERY_SKIPS == 0:  # web data: don't flood the log
+            logger.warning("data: skipped (%s) in %s: %s [stream %d: %d %s so far]", reason, url, detail,
+                           self.stream, count, reason)
         seen, skipped = state.seen[name], state.skipped[name]
         if seen >= self.limits.min_samples and skipped / seen > self.limits.max_skip_rate:
             raise DataQualityError(
                 f"data source '{name}': skip rate {skipped / seen:.1%} ({skipped} of {seen}) passed "
                 f"max_skip_rate={self.limits.max_skip_rate:.1%}; last bad shard: {url} ({reason}); "
-                f"skips so far: {dict(Counter(state.skips))}"
+                f"skips so far: {state.skips}"
             )

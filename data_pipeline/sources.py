@@ -9,6 +9,7 @@ integer and resuming needs no replay:
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -27,12 +28,20 @@ def is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url
 
 
+MAX_SHARDS_CHECKED = 10_000
+
+
 def check_local_shards(urls: list[str], source: str) -> None:
     """Fail fast, in one line naming the path, on a local shard that does not exist (a config error;
-    shards that break *during* a run are skipped and counted instead)."""
-    for url in urls:
-        if is_local(url) and not os.path.exists(url):
-            raise FileNotFoundError(f"data source '{source}': shard not found: {url}")
+    shards that break *during* a run are skipped and counted instead). Beyond MAX_SHARDS_CHECKED shards
+    (every rank runs this; stat on a network file system is slow) an even sample of them is checked,
+    which still catches a wrong pattern; a single missing shard is then skipped and counted at run time."""
+    step = max(1, len(urls) // MAX_SHARDS_CHECKED)
+    checked = urls[::step] + urls[-1:]
+    missing = [url for url in dict.fromkeys(checked) if is_local(url) and not os.path.exists(url)]
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(urls)} shards)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"data source '{source}': shard not found: {missing[0]}{more}")
 
 
 @dataclass
@@ -73,14 +82,18 @@ class ShardSchedule:
             )
         self.per_pass = len(range(stream, len(self.all_shards), num_streams))
 
+    @functools.lru_cache(maxsize=256)  # called per sample by the reader; a pass permutation costs O(shards)
     def shard(self, i: int) -> tuple[int, str]:
         if self.resampled:
             rng = np.random.default_rng([self.seed, self.stream, i])
             k = int(rng.choice(len(self.sources), p=self.probabilities)) if len(self.sources) > 1 else 0
             return k, self.sources[k].urls[int(rng.integers(len(self.sources[k].urls)))]
         epoch_pass, j = divmod(i, self.per_pass)
-        order = np.random.default_rng([self.seed, epoch_pass]).permutation(len(self.all_shards))
-        return self.all_shards[int(order[self.stream + j * self.num_streams])]
+        return self.all_shards[int(self._pass_order(epoch_pass)[self.stream + j * self.num_streams])]
+
+    @functools.lru_cache(maxsize=2)
+    def _pass_order(self, epoch_pass: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch_pass]).permutation(len(self.all_shards))
 
     def pass_of(self, i: int) -> int:
         return 0 if self.resampled else i // self.per_pass

@@ -54,12 +54,13 @@ def make_shards(folder: str, num_shards: int = 8, samples_per_shard: int = 10, *
         samples = []
         for index in range(samples_per_shard):
             image, caption, box = make_image(rng, image_size, fmt)
+            _, colour, shape = caption.split()[:3]
+            meta = {"summary": f"a {shape}", "objects": [{"label": shape, "attributes": [colour]}], "boxes": [box],
+                    "label": SHAPES.index(shape)}
             if (shard, index) in corrupt_images:
                 image = image[: len(image) // 3]  # a truncated JPEG/PNG: the decoder rejects it
             if (shard, index) in empty_captions:
                 caption = "  "
-            meta = {"summary": caption.split(" on ")[0], "objects": [{"label": caption.split()[2], "attributes": [caption.split()[1]]}],
-                    "boxes": [box], "label": int(index % 2)}
             samples.append({"__key__": f"s{shard:03d}_{index:04d}", fmt: image, "txt": caption, "json": json.dumps(meta)})
         path = os.path.join(folder, f"{prefix}-{shard:04d}.tar")
         write_shard(path, samples)

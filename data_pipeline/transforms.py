@@ -1,10 +1,11 @@
 """Decode one raw sample and make its views, with torchvision v2 decoders and transforms.
 
-Train (CLIP):     one random resized crop (the global view, 90-100% of the area) -> normalised float.
+Train (CLIP):     one random resized crop (the global view, 90-100% of the area), bicubic.
 Train (pyramid):  + a local view (50-100%, sampled independently) + the summary / object texts, and
                   the region boxes, which ride through the *global* crop as v2 BoundingBoxes.
-Eval:             resize the short side + centre crop (CLIP's eval preprocessing) and the class label.
-Texts stay strings here; `collate` tokenises a whole batch at once (one Rust call, not B).
+Eval:             resize the short side + centre crop (CLIP's eval preprocessing), normalised per image, and
+                  the class label.
+Train views stay uint8 and texts stay strings here; `collate` normalises and tokenises a whole batch at once.
 Problems that make a sample unusable raise `SkipSample(reason)`; the reader counts and logs them.
 """
 
@@ -62,14 +63,17 @@ class SampleTransform:
 
     def __init__(self, views: ViewConfig):
         self.views = views
-        size = views.image_size
-        finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)]
+        size, bicubic = views.image_size, v2.InterpolationMode.BICUBIC  # bicubic, as CLIP's preprocessing
         if views.train:
-            self.global_view = v2.Compose([v2.RandomResizedCrop(size, scale=views.global_scale, antialias=True),
-                                           v2.ClampBoundingBoxes(), *finish])
-            self.local_view = v2.Compose([v2.RandomResizedCrop(size, scale=views.local_scale, antialias=True), *finish])
+            # Train views stay uint8 here; `collate` converts and normalises the whole batch at once (cheaper).
+            self.global_view = v2.Compose([
+                v2.RandomResizedCrop(size, scale=views.global_scale, interpolation=bicubic, antialias=True),
+                v2.ClampBoundingBoxes()])
+            self.local_view = v2.RandomResizedCrop(size, scale=views.local_scale, interpolation=bicubic, antialias=True)
         else:
-            self.global_view = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), *finish])
+            # One uint8 image -> normalised float [3, S, S]; also used on its own (eval_sets, induce).
+            self.global_view = v2.Compose([v2.Resize(size, interpolation=bicubic, antialias=True), v2.CenterCrop(size),
+                                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
 
     def __call__(self, raw: RawSample) -> dict:
         image_bytes = next((raw.fields[e] for e in IMAGE_EXTENSIONS if raw.fields.get(e)), None)
@@ -128,15 +132,24 @@ class SampleTransform:
         return out
 
 
+def normalise(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 [3,S,S] train views -> float [B,3,S,S] with CLIP's mean/std (eval views arrive normalised)."""
+    batch = torch.stack(images)
+    if batch.is_floating_point():
+        return batch
+    batch = v2.functional.to_dtype(batch, torch.float32, scale=True)
+    return v2.functional.normalize(batch, CLIP_MEAN, CLIP_STD, inplace=True)
+
+
 def collate(samples: list[dict], tokenizer: Tokenizer) -> dict:
     """Stack per-sample outputs into the batch dict the trainer consumes (texts tokenised here)."""
-    batch: dict = {"key": [s["key"] for s in samples], "image": torch.stack([s["image"] for s in samples]),
+    batch: dict = {"key": [s["key"] for s in samples], "image": normalise([s["image"] for s in samples]),
                    "text": tokenizer([s["text"] for s in samples])}
     if "label" in samples[0]:
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     if "image_local" not in samples[0]:
         return batch
-    batch["image_local"] = torch.stack([s["image_local"] for s in samples])
+    batch["image_local"] = normalise([s["image_local"] for s in samples])
     for field in ("summary", "objects"):
         texts = [s[field] for s in samples]
         batch[field] = tokenizer([t or "" for t in texts])

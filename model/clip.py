@@ -47,7 +47,8 @@ class CLIP(nn.Module):
         out: dict[str, Tensor] = {}
         if "boxes_mask" in inputs:
             slots, features = self._region_slots(inputs)
-            image_embs, region = self.visual.forward_with_regions(torch.cat(views), slots, inputs.get("boxes"), features)
+            image_embs, region = self.visual.forward_with_regions(
+                torch.cat(views), slots, inputs.get("boxes"), features)
             out["region"] = F.normalize(region, dim=-1)
             out["region_mask"] = slots.any(dim=-1)
         else:
@@ -64,7 +65,6 @@ class CLIP(nn.Module):
         # Clamped here, not on the parameter: under ZeRO-3 parameters are only materialised inside forward.
         out["logit_scale"] = self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
         return out
-
 
     def _region_slots(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """Which of the R region slots hold a region, and the detector features when those are the source.

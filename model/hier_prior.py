@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from model.config import HierConfig
+from model.hier_attention import hier_attention
 
 # A score for a neighbour that does not exist: finite, so a token without neighbours gives no NaN gradients.
 _ABSENT = -1e9
@@ -74,12 +75,6 @@ class ConstituentPrior:
     col_cost: Tensor | None = None
     has_cls: bool = False
 
-    @property
-    def n(self) -> int:
-        if self.kind == "tree":
-            return self.beta.shape[-1]
-        return self.row_cost.shape[-2] * self.row_cost.shape[-1] + int(self.has_cls)
-
     def log_prior(self) -> Tensor:
         """log C [B, N, N] from the tables (the efficient builder; -inf never appears)."""
         if self.kind == "tree":
@@ -94,8 +89,7 @@ class ConstituentPrior:
         return group_prior_reference(horizontal, vertical, self.has_cls)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, dropout_p: float = 0.0) -> Tensor:
-        from model.hier_attention import hier_attention
-
+        """(C ⊙ softmax(QKᵀ/√d)) V or softmax(QKᵀ/√d + log C) V over [B, H, N, D], per `mode` and `impl`."""
         return hier_attention(q, k, v, self, causal=causal, dropout_p=dropout_p)
 
 
@@ -108,18 +102,27 @@ def tree_log_prior(beta: Tensor) -> Tensor:
 
 
 def group_log_prior(row_cost: Tensor, col_cost: Tensor, has_cls: bool) -> Tensor:
-    """log C between grid patches: minus the cheaper of the two one-turn paths, each a sum of two table gaps."""
+    """log C between grid patches: minus the cheaper of the two one-turn paths, each a sum of two table gaps.
+
+    Every term is a table broadcast over a [B, r1, c1, r2, c2] view (query (r1, c1), key (r2, c2)), so the
+    forward is elementwise and the backward is a sum: no gathers, no scatters.
+    """
     b, h, w = row_cost.shape
-    device, dtype = row_cost.device, row_cost.dtype
-    r = torch.arange(h, device=device).repeat_interleave(w)  # row of each patch, row-major
-    c = torch.arange(w, device=device).repeat(h)
-    rq, rk, cq, ck = r[:, None], r[None, :], c[:, None], c[None, :]
-    col_sign = torch.sign(ck - cq).to(dtype)
-    row_sign = torch.sign(rk - rq).to(dtype)
-    # Path 1 turns at (row of query, column of key); path 2 at (row of key, column of query).
-    path_1 = (row_cost[:, rq, ck] - row_cost[:, rq, cq]) * col_sign + (col_cost[:, rk, ck] - col_cost[:, rq, ck]) * row_sign
-    path_2 = (col_cost[:, rk, cq] - col_cost[:, rq, cq]) * row_sign + (row_cost[:, rk, ck] - row_cost[:, rk, cq]) * col_sign
-    log_c = -torch.minimum(path_1, path_2)
+
+    def at(table: Tensor) -> dict[str, Tensor]:
+        """table[b, r, c] at the four (row, column) corners, as broadcastable [B, r1, c1, r2, c2] views."""
+        return {"r1c1": table[:, :, :, None, None], "r1c2": table[:, :, None, None, :],
+                "r2c1": table.transpose(1, 2)[:, None, :, :, None], "r2c2": table[:, None, None, :, :]}
+
+    R, K = at(row_cost), at(col_cost)  # R: cost along a row up to a column; K: along a column up to a row
+    idx_h = torch.arange(h, device=row_cost.device)
+    idx_w = torch.arange(w, device=row_cost.device)
+    row_sign = torch.sign(idx_h[None, :] - idx_h[:, None]).to(row_cost.dtype).view(h, 1, h, 1)  # sign(r2 - r1)
+    col_sign = torch.sign(idx_w[None, :] - idx_w[:, None]).to(row_cost.dtype).view(1, w, 1, w)  # sign(c2 - c1)
+    # Path 1 runs along row r1, turns at (r1, c2), runs along column c2; path 2 turns at (r2, c1).
+    path_1 = (R["r1c2"] - R["r1c1"]) * col_sign + (K["r2c2"] - K["r1c2"]) * row_sign
+    path_2 = (K["r2c1"] - K["r1c1"]) * row_sign + (R["r2c2"] - R["r2c1"]) * col_sign
+    log_c = -torch.minimum(path_1, path_2).reshape(b, h * w, h * w)
     if has_cls:
         log_c = nn.functional.pad(log_c, (1, 0, 1, 0))  # CLS: log C = 0 to and from every token
     return log_c
@@ -162,20 +165,33 @@ def group_prior_reference(horizontal: Tensor, vertical: Tensor, has_cls: bool) -
 
 
 class _NeighbourScorer(nn.Module):
-    """The prior's own LayerNorm and W_Q, W_K (d_model -> d_model); scores q_u·k_v / σ in fp32 at least."""
+    """The prior's own LayerNorm and W_Q, W_K (d_model -> d_model); scores q_u·k_v / σ in fp32 at least.
+
+    W_Q, b_Q, W_K are direct parameters rather than nn.Linear children: they are read in this module's forward
+    (see `project`), and ZeRO-3 gathers a module's own parameters when its forward runs. There is no key bias:
+    it would add the same q·b to every neighbour's score, which the softmax cancels.
+    """
 
     def __init__(self, width: int, cfg: HierConfig):
         super().__init__()
         self.cfg = cfg
         self.ln = nn.LayerNorm(width)
-        self.w_q = nn.Linear(width, width)
-        # No key bias: it adds the same q·b to every neighbour's score, which the softmax cancels.
-        self.w_k = nn.Linear(width, width, bias=False)
+        self.w_q = nn.Parameter(torch.randn(width, width) * width**-0.5)  # [out, in], as nn.Linear
+        self.b_q = nn.Parameter(torch.zeros(width))
+        self.w_k = nn.Parameter(torch.randn(width, width) * width**-0.5)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(a, b) with a_u·b_v = q_u·k_v, where t = LN(x), q = W_Q t + b_Q and k = W_K t.
+
+        With more tokens than channels, associativity saves one of the two token-sized GEMMs:
+        q_u·k_v = (t_u W_Qᵀ W_K + b_Q W_K)·t_v, and the d×d product W_Qᵀ W_K costs less than a [tokens, d]×[d, d] GEMM.
+        """
         t = self.ln(x)
         dtype = torch.promote_types(x.dtype, torch.float32)  # links and tables are never half precision
-        return self.w_q(t).to(dtype), self.w_k(t).to(dtype)
+        if t[..., 0].numel() > t.shape[-1]:
+            a = torch.addmm(self.b_q @ self.w_k, t.flatten(0, -2), self.w_q.t() @ self.w_k).view_as(t)
+            return a.to(dtype), t.to(dtype)
+        return (t @ self.w_q.t() + self.b_q).to(dtype), (t @ self.w_k.t()).to(dtype)
 
     def score(self, q: Tensor, k: Tensor) -> Tensor:
         return (q * k).sum(-1) / self.cfg.sigma
@@ -185,7 +201,7 @@ class TreePrior(_NeighbourScorer):
     """Tree Transformer's constituent prior over a token sequence (SPEC §1.1)."""
 
     def forward(self, x: Tensor, prev_links: Tensor | None, key_padding_mask: Tensor | None):
-        q, k = self.project(x)  # [B, N, D]
+        q, k = self.project(x)  # [B, N, D], with q_u·k_v the neighbour score's numerator
         right = self.score(q[:, :-1], k[:, 1:])  # s_{i,i+1}, i = 0..N-2
         left = self.score(q[:, 1:], k[:, :-1])  # s_{i+1,i}
         b, n = x.shape[:2]
@@ -196,8 +212,9 @@ class TreePrior(_NeighbourScorer):
         if key_padding_mask is not None:
             real = ~key_padding_mask
             edge_valid = real[:, :-1] & real[:, 1:]
-            neighbour_real = torch.stack([_left_is_real(real), _right_is_real(real)], dim=-1)
-            scores = scores.masked_fill(~neighbour_real, _ABSENT)
+            left_real = nn.functional.pad(real[:, :-1], (1, 0), value=False)
+            right_real = nn.functional.pad(real[:, 1:], (0, 1), value=False)
+            scores = scores.masked_fill(~torch.stack([left_real, right_real], dim=-1), _ABSENT)
         p = scores.softmax(-1)  # (p_{i,i-1}, p_{i,i+1})
         fresh = pair_link(p[:, :-1, 1], p[:, 1:, 0], edge_valid)
         links = non_splittable(prev_links, fresh)
@@ -205,16 +222,6 @@ class TreePrior(_NeighbourScorer):
         lengths = None if key_padding_mask is None else (~key_padding_mask).sum(-1)
         prior = ConstituentPrior("tree", self.cfg.prior_mode, self.cfg.attn_impl, links, lengths=lengths, beta=beta)
         return links, prior
-
-
-def _left_is_real(real: Tensor) -> Tensor:
-    """Is the left neighbour a real token? (False at position 0.)"""
-    return nn.functional.pad(real[:, :-1], (1, 0), value=False)
-
-
-def _right_is_real(real: Tensor) -> Tensor:
-    """Is the right neighbour a real token? (False at the last position.)"""
-    return nn.functional.pad(real[:, 1:], (0, 1), value=False)
 
 
 class GroupPrior(_NeighbourScorer):

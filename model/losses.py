@@ -127,24 +127,24 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # bf16/fp16 → fp32, fp64 stays fp64
 
 
-def _masked_logits(x: Tensor, y: Tensor, scale: Tensor, valid: Tensor) -> Tensor:
-    # Scale the [B, d] side, not the [B, N] product: one less B×N pass, and autograd saves no B×N for it.
-    dtype = _compute_dtype(x)
-    return ((x.to(dtype) * scale) @ y.to(dtype).T).masked_fill(~valid, MASKED_LOGIT)
+def _masked_logits(scaled_rows: Tensor, cols: Tensor, valid: Tensor) -> Tensor:
+    # The scale multiplies the [B, d] side, not the [B, N] product: one less B×N pass.
+    return (scaled_rows @ cols.to(scaled_rows.dtype).T).masked_fill_(~valid, MASKED_LOGIT)
 
 
 def _dense_lse(rows: Tensor, cols: Tensor, scale: Tensor, valid: Tensor) -> Tensor:
-    return torch.logsumexp(_masked_logits(rows, cols, scale, valid), dim=1)
+    return torch.logsumexp(_masked_logits(rows.to(_compute_dtype(rows)) * scale, cols, valid), dim=1)
 
 
 def _torch_lse_forward(rows: Tensor, cols: Tensor, scale: Tensor, valid: Tensor, tile: int) -> Tensor:
-    lse = rows.new_empty(rows.shape[0], dtype=_compute_dtype(rows))
+    dtype = _compute_dtype(rows)
+    lse = rows.new_empty(rows.shape[0], dtype=dtype)
     for r0 in range(0, rows.shape[0], tile):
-        x = rows[r0 : r0 + tile]
-        run_max = x.new_full((x.shape[0],), -math.inf, dtype=lse.dtype)
-        run_sum = x.new_zeros(x.shape[0], dtype=lse.dtype)
+        x = rows[r0 : r0 + tile].to(dtype) * scale
+        run_max = x.new_full((x.shape[0],), -math.inf)
+        run_sum = x.new_zeros(x.shape[0])
         for c0 in range(0, cols.shape[0], tile):
-            z = _masked_logits(x, cols[c0 : c0 + tile], scale, valid[c0 : c0 + tile])
+            z = _masked_logits(x, cols[c0 : c0 + tile], valid[c0 : c0 + tile])
             new_max = torch.maximum(run_max, z.amax(dim=1))
             run_sum = run_sum * (run_max - new_max).exp() + z.sub_(new_max[:, None]).exp_().sum(dim=1)
             run_max = new_max
@@ -153,22 +153,25 @@ def _torch_lse_forward(rows: Tensor, cols: Tensor, scale: Tensor, valid: Tensor,
 
 
 def _torch_lse_backward(rows, cols, scale, valid, lse, grad_lse, tile: int) -> tuple[Tensor, Tensor, Tensor]:
-    # With G_ij = grad_lse_i · softmax(z_i)_j (zero at masked columns, which are constants) and z = s·X Yᵀ:
-    # dX = s·G Y, dY = s·Gᵀ X, ds = Σ_ij G_ij ⟨x_i, y_j⟩ = Σ_i ⟨(G Y)_i, x_i⟩, so no extra B×N pass for ds.
+    # With P = softmax(z) (zero at masked columns: they are constants), g = grad_lse and z = s·X Yᵀ:
+    # dX = s·diag(g) P Y, dY = s·Pᵀ diag(g) X, ds = Σ_ij g_i P_ij ⟨x_i, y_j⟩ = Σ_i g_i ⟨(P Y)_i, x_i⟩.
+    # g is applied to the [B, d] sides, never to a block of P; ds needs no extra pass over the logits.
     dtype = lse.dtype
-    g_y = torch.zeros_like(rows, dtype=dtype)  # G Y
-    g_t_x = torch.zeros_like(cols, dtype=dtype)  # Gᵀ X
+    p_y = torch.zeros_like(rows, dtype=dtype)  # P Y
+    p_t_gx = torch.zeros_like(cols, dtype=dtype)  # Pᵀ diag(g) X
+    grad_lse = grad_lse.to(dtype)
     for r0 in range(0, rows.shape[0], tile):
         x = rows[r0 : r0 + tile].to(dtype)
-        lse_r, grad_r = lse[r0 : r0 + tile, None], grad_lse[r0 : r0 + tile, None].to(dtype)
+        x_scaled, g_x, lse_r = x * scale, x * grad_lse[r0 : r0 + tile, None], lse[r0 : r0 + tile, None]
         for c0 in range(0, cols.shape[0], tile):
             y, keep = cols[c0 : c0 + tile].to(dtype), valid[c0 : c0 + tile]
-            z = _masked_logits(x, y, scale, keep)  # recomputed exactly as in forward
-            g = z.sub_(lse_r).exp_().masked_fill_(~keep, 0.0).mul_(grad_r)
-            g_y[r0 : r0 + tile] += g @ y
-            g_t_x[c0 : c0 + tile] += g.T @ x
-    grad_scale = (g_y * rows.to(dtype)).sum()
-    return g_y.mul_(scale).to(rows.dtype), g_t_x.mul_(scale).to(cols.dtype), grad_scale
+            # Recomputed exactly as in forward; masked_fill_ again for rows with no valid column at all.
+            p = _masked_logits(x_scaled, y, keep).sub_(lse_r).exp_().masked_fill_(~keep, 0.0)
+            p_y[r0 : r0 + tile] += p @ y
+            p_t_gx[c0 : c0 + tile] += p.T @ g_x
+    grad_rows = p_y.mul_(grad_lse[:, None])  # diag(g) P Y
+    grad_scale = (grad_rows * rows.to(dtype)).sum()
+    return grad_rows.mul_(scale).to(rows.dtype), p_t_gx.mul_(scale).to(cols.dtype), grad_scale
 
 
 class _TiledLSE(torch.autograd.Function):
@@ -209,7 +212,7 @@ def _resolve_impl(impl: str, rows: Tensor, cols: Tensor) -> str:
 
 def row_logsumexp(rows: Tensor, cols: Tensor, scale: Tensor, valid: Tensor, *, impl: str = "dense",
                   tile_size: int = 1024) -> Tensor:
-    """lse_i = log Σ_j exp(scale·⟨rows_i, cols_j⟩) over the columns where `valid` [N] is True, in fp32 (or fp64)."""
+    """lse_i = log Σ_j exp(scale·⟨rows_i, cols_j⟩) over the columns where `valid` [N] is True (fp32 or fp64)."""
     impl = _resolve_impl(impl, rows, cols)
     if impl == "dense":
         return _dense_lse(rows, cols, scale, valid)
@@ -230,6 +233,8 @@ def info_nce(rows: Tensor, cols: Tensor, logit_scale: Tensor, *, valid: Tensor |
     the positive of row i is column row_offset + i. valid: bool [N] over the GLOBAL batch, False for samples
     missing from this pair of levels; row i is valid iff valid[row_offset + i] (a missing sample is excluded
     both as a row and as a column). Returns a SUM: the caller divides by the global number of valid rows.
+    Computed in fp32 (fp64 for fp64 inputs) whatever the embeddings' dtype. impl: dense | tiled | triton |
+    auto (dense below AUTO_TILED_MIN_LOGITS logits, else triton on CUDA and tiled elsewhere).
     """
     batch, total = rows.shape[0], cols.shape[0]
     if valid is None:
@@ -268,7 +273,9 @@ def compute_loss(cfg: LossConfig, image_embs: dict[str, Tensor], text_embs: dict
     Every rank issues the same two collectives whatever its data (ZeRO-3 would hang otherwise): one gather of
     all levels stacked, one of all masks. A term with no valid pair in the global batch drops out, and the
     weights renormalise within its group and across groups. The loss is this rank's part of the global
-    loss (see the module docstring): multiply by the world size before a DeepSpeed/DDP backward.
+    loss (see the module docstring): multiply by the world size before a DeepSpeed/DDP backward. The
+    `loss...` metrics are this rank's parts too (sum them over ranks to log the global values); `pairs/...`
+    (global valid-pair counts) and `logit_scale` are the same on every rank.
     """
     groups, weights = cfg.term_groups(), cfg.group_weights()
     levels = sorted({level for terms in groups.values() for pair in terms for level in pair})

@@ -35,8 +35,9 @@ class VisionTower(nn.Module):
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, dropout, _make_prior(cfg, hier))
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
-        self.region_split = cfg.region_split + cfg.layers if cfg.region_split < 0 else cfg.region_split
-        if not 0 <= self.region_split < cfg.layers:
+        # Negative: the last |region_split| blocks are f2, or all of them in a tower that has fewer.
+        self.region_split = max(cfg.region_split + cfg.layers, 0) if cfg.region_split < 0 else cfg.region_split
+        if self.region_split >= cfg.layers:
             raise ValueError(f"model.vision.region_split={cfg.region_split} leaves no top blocks of {cfg.layers}")
         self.regions = RegionTokens(cfg.region_source, width, cfg.grid_size, cfg.region_feature_dim)
 

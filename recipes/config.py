@@ -19,6 +19,7 @@ import yaml
 from data_pipeline.config import DataConfig
 from model.config import PRESETS, ModelConfig
 from model.losses import LossConfig
+from recipes.evaluate import EvalConfig
 from recipes.grad_cache import GradCacheConfig
 
 
@@ -47,7 +48,9 @@ class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     every_steps: int = 500
     keep_last: int = 3
-    resume: str = ""  # "" starts fresh; "latest" or a tag resumes from `dir`
+    resume: str = ""  # "" starts fresh; "latest" or a tag resumes from `dir`; "auto": latest if any, else fresh
+    preempt_signal: str = "SIGUSR1"  # on it: checkpoint at a step all ranks agree on, exit 75 (requeue); "" ignores
+    preempt_check_every: int = 1  # steps between the ranks' all-reduce of the preemption flag
 
 
 @dataclass
@@ -56,7 +59,9 @@ class LoggingConfig:
     every_steps: int = 10
     wandb: bool = True  # offline unless WANDB_API_KEY is set; WANDB_MODE overrides
     wandb_project: str = "hiclip"
+    tensorboard: bool = False  # also write TensorBoard events under `dir` (needs the tensorboard package)
     progress: bool = True
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up (recipes/metrics.py)
 
 
 @dataclass
@@ -68,6 +73,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -18,10 +18,13 @@ import torch
 from data_pipeline.loader import build_train_loader
 from data_pipeline.tokenizer import Tokenizer
 from model.clip import CLIP
-from recipes import checkpointing
+from model.flops import count_flops
+from recipes import checkpointing, preemption, universal
 from recipes.config import Config, load_config, to_dict
 from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
+from recipes.evaluate import check_eval_sets, evaluate_live
 from recipes.logger import RunLogger
+from recipes.metrics import StepMeter, peak_tflops, skip_metrics
 from recipes.step import reduce_metrics, train_step
 
 log = logging.getLogger("hiclip")
@@ -31,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. recipes/configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 checkpoint.resume=latest")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print parameters, FLOPs, ZeRO model-state memory and steps; build on meta, read no data")
+    parser.add_argument("--world-size", type=int, default=32, help="--dry-run: GPUs in the job")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="--dry-run: GPUs per node")
     return parser.parse_args(argv)
 
 
@@ -52,8 +59,16 @@ def endless(loader):
 
 def train(cfg: Config) -> int:
     dist_info = init_distributed()
+    # --- preemption + resume plan (recipes/preemption.py, recipes/checkpointing.py) ---
+    # The signal handler goes in first (a signal before it would kill the rank) and before data workers fork.
+    preempt = preemption.PreemptionFlag(cfg.checkpoint.preempt_signal, dist_info.device,
+                                        cfg.checkpoint.preempt_check_every)
+    resume = checkpointing.plan_resume(cfg.checkpoint.dir, cfg.checkpoint.resume, to_dict(cfg), dist_info.world_size)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     ds = deepspeed_config(cfg)
+    if resume and resume.reshard:  # another world size: load through a universal checkpoint
+        universal.enable(ds)
+    # --- end preemption + resume plan ---
     with model_init_context(ds):
         model = CLIP(cfg.model)
     engine = build_engine(model, cfg, ds)
@@ -62,39 +77,56 @@ def train(cfg: Config) -> int:
     tokenizer = Tokenizer(cfg.model.text.context_length)
     loader = build_train_loader(
         cfg.data, tokenizer, image_size=cfg.model.vision.image_size, batch_size=cfg.train.batch_size,
-        rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.train.seed, pyramid=cfg.loss.kind == "pyramid",
+        rank=dist_info.rank, world_size=dist_info.world_size, pyramid=cfg.loss.kind == "pyramid",
+        # per-rank data positions do not survive a world-size change: a fresh stream, seeded by the step
+        seed=cfg.train.seed + (resume.step if resume and resume.reshard else 0),
     )
 
+    if cfg.eval.every_steps:
+        check_eval_sets(cfg.eval, cfg.data)
     step = 0
-    if cfg.checkpoint.resume:
-        tag = checkpointing.resolve_tag(cfg.checkpoint.dir, cfg.checkpoint.resume)
-        state = checkpointing.load(engine, cfg.checkpoint.dir, tag)
-        loader.load_state_dict(state["data"])
+    if resume:
+        state = checkpointing.load(engine, resume)
+        if state["data"] is not None:  # None after a world-size change
+            loader.load_state_dict(state["data"])
         step = state["step"]
         if dist_info.is_main:
-            log.info("resumed from %s/%s at step %d", cfg.checkpoint.dir, tag, step)
+            log.info("resumed from %s/%s at step %d", cfg.checkpoint.dir, resume.tag, step)
 
     end = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
     logger = RunLogger(cfg.logging.dir, enabled=dist_info.is_main, total_steps=end, start_step=step,
                        use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project, config=to_dict(cfg),
-                       progress=cfg.logging.progress)
+                       progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
     batches = endless(loader)
-    global_batch = cfg.train.batch_size * dist_info.world_size
-    while step < end:
+    peak, peak_source = peak_tflops(dist_info.device, cfg.logging.peak_tflops)
+    meter = StepMeter(train_flops_per_sample=count_flops(cfg.model, pyramid=cfg.loss.kind == "pyramid").train,
+                      global_batch=cfg.train.batch_size * dist_info.world_size, world_size=dist_info.world_size,
+                      peak_tflops=peak, device=dist_info.device)
+    if dist_info.is_main:
+        log.info("MFU against %.1f TFLOP/s per device (%s)", peak, peak_source)
+    stop = False
+    while step < end and not stop:
         t0 = time.perf_counter()
         batch = to_device(next(batches), dist_info.device)
-        t_data = time.perf_counter() - t0
+        meter.step(data_seconds=time.perf_counter() - t0)
         metrics = train_step(engine, batch, cfg.loss, cfg.grad_cache)
         step += 1
         if step % cfg.logging.every_steps == 0 or step == end:
-            elapsed = time.perf_counter() - t0
-            logger.log(step, {**reduce_metrics(metrics), "lr": engine.get_lr()[0], "samples_per_s": global_batch / elapsed,
-                              "data_wait": t_data / elapsed})
+            logger.log(step, {**reduce_metrics(metrics), "lr": engine.get_lr()[0], **meter.read(),
+                              **skip_metrics(loader.skip_counts())})
         logger.advance()
-        if step % cfg.checkpoint.every_steps == 0 or step == end:
+        # --- periodic zero-shot eval: every rank takes part (ZeRO-3 gathers parameters collectively) ---
+        if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
+            logger.log(step, evaluate_live(engine.module, tokenizer, cfg.eval, cfg.data, rank=dist_info.rank,
+                                           world_size=dist_info.world_size, device=dist_info.device))
+            meter.restart()  # eval time is not training throughput
+        stop = preempt.agreed(step) and step < end  # collective: every rank stops after the same step
+        if step % cfg.checkpoint.every_steps == 0 or step == end or stop:
             checkpointing.save(engine, cfg.checkpoint.dir, step,
                                {"data": loader.state_dict(), "config": to_dict(cfg)}, cfg.checkpoint.keep_last)
     logger.close()
+    if stop:
+        raise preemption.Preempted(step)
     return step
 
 
@@ -102,7 +134,15 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:
+        if args.dry_run:
+            from recipes.dry_run import dry_run
+
+            print(dry_run(load_config(args.config, args.overrides), args.world_size, args.gpus_per_node).table())
+            return
         train(load_config(args.config, args.overrides))
+    except preemption.Preempted as e:
+        log.warning("%s", e)
+        preemption.exit_for_requeue(e.step)  # launch_scripts/slurm.sbatch requeues the job
     except (ValueError, FileNotFoundError, checkpointing.CheckpointError) as e:
         sys.exit(f"error: {e}")  # bad input: one line naming the culprit, no traceback
 

@@ -121,8 +121,9 @@ def _prepare(rows: Tensor, cols: Tensor, scale: Tensor, valid: Tensor):
     if rows.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"the Triton contrastive kernels take fp32/bf16/fp16 embeddings, got {rows.dtype}")
     precision = "ieee" if rows.dtype == torch.float32 else "tf32"
-    return (rows.contiguous(), cols.contiguous(), scale.reshape(1).float().contiguous(),
-            valid.to(torch.uint8).contiguous(), precision)
+    # Rows may be strided (e.g. one level of a stacked [B, levels, d] tensor); elements within a row may not.
+    rows, cols = (t if t.stride(1) == 1 else t.contiguous() for t in (rows, cols))
+    return rows, cols, scale.reshape(1).float().contiguous(), valid.to(torch.uint8).contiguous(), precision
 
 
 def lse_forward(rows: Tensor, cols: Tensor, scale: Tensor, valid: Tensor, masked_logit: float) -> Tensor:

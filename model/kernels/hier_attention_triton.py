@@ -251,19 +251,23 @@ def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, t_ptr
 # Launch and autograd.
 
 
+_BLOCK = 64  # queries and keys per tile: fits one SM's shared memory at head dim 128; big for the interpreter
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _launch_config(q: Tensor, kind: str, has_cls: bool, grid_hw: tuple[int, int], causal: bool, mode: str,
                    lengths: Tensor | None) -> dict:
+    """Compile-time parameters. A tree's 'grid' is one row of N tokens (GRID_W = N bounds the β table)."""
     upcast = _interpreting() or q.dtype == torch.float32
-    precision = "tf32" if (q.is_cuda and q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    block = 64 if _interpreting() else 64  # the interpreter is fast with big tiles; 64 suits one SM's SRAM
+    # fp32 dots follow torch's TF32 switch; for fp16/bf16 inputs the setting does not apply.
+    tf32 = q.dtype != torch.float32 or (q.is_cuda and torch.backends.cuda.matmul.allow_tf32)
     return dict(KIND=0 if kind == "tree" else 1, MULTIPLY=mode == "multiply", CAUSAL=causal,
                 HAS_LENGTHS=lengths is not None, HAS_CLS=has_cls, GRID_H=grid_hw[0], GRID_W=grid_hw[1],
-                UPCAST=upcast, PRECISION=precision, BLOCK_M=block, BLOCK_N=block,
-                BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
+                UPCAST=upcast, PRECISION="tf32" if tf32 and not _interpreting() else "ieee",
+                BLOCK_M=_BLOCK, BLOCK_N=_BLOCK, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -271,18 +275,26 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _kernel_tables(kind: str, table_1: Tensor, table_2: Tensor | None, n: int):
+    """The kernels' (t, r, c) table arguments in fp32 — (β, -, -) or (-, R, Cc) — and the grid shape."""
+    if kind == "tree":
+        beta = table_1.float().contiguous()
+        return (beta, beta, beta), (1, n)
+    row_cost, col_cost = table_1.float().contiguous(), table_2.float().contiguous()
+    return (row_cost, row_cost, col_cost), tuple(row_cost.shape[1:])
+
+
+def _lengths_arg(lengths: Tensor | None, q: Tensor) -> Tensor:
+    return lengths.to(torch.int32).contiguous() if lengths is not None else q.new_zeros(1, dtype=torch.int32)
+
+
 class _HierAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table_1, table_2, lengths, kind, has_cls, causal, mode):
         b, h, n, d = q.shape
-        if kind == "tree":
-            beta, row_cost, col_cost = table_1.float().contiguous(), None, None
-            grid_hw, tables = (1, n), (beta, beta, beta)
-        else:
-            beta, row_cost, col_cost = None, table_1.float().contiguous(), table_2.float().contiguous()
-            grid_hw, tables = tuple(row_cost.shape[1:]), (row_cost, row_cost, col_cost)
+        tables, grid_hw = _kernel_tables(kind, table_1, table_2, n)
         meta = _launch_config(q, kind, has_cls, grid_hw, causal, mode, lengths)
-        lens = lengths.to(torch.int32).contiguous() if lengths is not None else q.new_zeros(1, dtype=torch.int32)
+        lens = _lengths_arg(lengths, q)
         o = torch.empty_like(q)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
         grid = (triton.cdiv(n, meta["BLOCK_M"]), b * h)
@@ -299,13 +311,8 @@ class _HierAttention(torch.autograd.Function):
         b, h, n, d = q.shape
         do = do if do.stride(-1) == 1 else do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()  # D_i = dO_i·O_i
-        if ctx.kind == "tree":
-            beta = table_1.float().contiguous()
-            tables = (beta, beta, beta)
-        else:
-            row_cost, col_cost = table_1.float().contiguous(), table_2.float().contiguous()
-            tables = (row_cost, row_cost, col_cost)
-        lens = lengths.to(torch.int32).contiguous() if lengths is not None else q.new_zeros(1, dtype=torch.int32)
+        tables, _ = _kernel_tables(ctx.kind, table_1, table_2, n)
+        lens = _lengths_arg(lengths, q)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         d_log_c = torch.zeros(b, n, n, device=q.device, dtype=torch.float32)  # summed over heads
         common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), h, n, d, 1.0 / math.sqrt(d),

@@ -9,7 +9,7 @@ A case: {"name", "stage": 2|3, "loss": clip|pyramid, "attention": vanilla|hier, 
 """
 import json
 import sys
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from unittest import mock
 
 import deepspeed
@@ -52,18 +52,36 @@ def make_batch(case: dict, rank: int) -> dict:
     return batch
 
 
+@contextmanager
+def count_reductions(counter: list[int]):
+    """Count the engine's gradient-reduction collectives (the loss's own gathers go through torch.distributed)."""
+    names = [n for n in dir(deepspeed.comm) if "reduce" in n and callable(getattr(deepspeed.comm, n))]
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            counter[0] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    with ExitStack() as stack:
+        for name in names:
+            stack.enter_context(mock.patch.object(deepspeed.comm, name, counted(getattr(deepspeed.comm, name))))
+        yield
+
+
 def full_grads(engine) -> dict[str, torch.Tensor]:
     # A collective under ZeRO-3 (the partitions are gathered): every rank walks the parameters in one order.
     return {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()}
 
 
-def reference_backward(engine, batch: dict, loss_fn) -> torch.Tensor:
+def reference_backward(engine, batch: dict, loss_fn, full_batch: bool) -> torch.Tensor:
     """The plain step: one autograd graph over the whole local batch, one backward of the global loss.
 
-    The forward visits the batch in the cache's chunks so that dropout draws the same masks in the same order:
-    the model's randomness is consumed per call, and the comparison is about gradients, not RNG bookkeeping.
+    full_batch: one forward of the whole batch, exactly recipes/step.py's plain path. Otherwise (dropout on) the
+    forward visits the batch in the cache's chunks so that dropout draws the same masks in the same order: the
+    model's randomness is consumed per call, and the comparison is about gradients, not RNG bookkeeping.
     """
-    outs = [engine(chunk) for chunk in split_batch(batch, CHUNK)]
+    outs = [engine(chunk) for chunk in split_batch(batch, BATCH if full_batch else CHUNK)]
     out = {k: outs[0][k] if k == "logit_scale" else torch.cat([o[k] for o in outs]) for k in outs[0]}
     loss, _ = loss_fn(out)
     engine.backward(loss * dist.get_world_size())
@@ -80,14 +98,16 @@ def run_case(case: dict, info) -> dict:
         return compute_loss(loss_cfg, image, text, masks, out["logit_scale"], gather=True)
 
     torch.manual_seed(100 + info.rank)
-    ref_loss = reference_backward(engine, batch, loss_fn)
+    ref_reductions, reductions = [0], [0]
+    with count_reductions(ref_reductions):
+        ref_loss = reference_backward(engine, batch, loss_fn, full_batch=case["dropout"] == 0)
     ref = full_grads(engine)
     engine.step()
 
     torch.manual_seed(100 + info.rank)
     # The negative control: without the RNG replay the chunks' dropout masks differ between the two passes.
     no_replay = mock.patch.object(grad_cache, "_set_rng_state", lambda state: None)
-    with nullcontext() if case["replay_rng"] else no_replay:
+    with nullcontext() if case["replay_rng"] else no_replay, count_reductions(reductions):
         loss, metrics, _ = cached_backward(engine, batch, loss_fn, GradCacheConfig(CHUNK, case["reduction"]))
     got = full_grads(engine)
     engine.step()
@@ -97,6 +117,7 @@ def run_case(case: dict, info) -> dict:
     return {
         **case, "max_rel_err": rel[worst], "worst_param": worst,
         "loss_diff": abs(loss.item() - ref_loss.item()),
+        "reductions": reductions[0], "reductions_plain": ref_reductions[0],
         "grad_norm": torch.stack([g.norm() for g in ref.values()]).norm().item(),
         "region_grad_norm": sum(g.norm().item() for n, g in ref.items() if n.startswith("visual.regions.")),
         "logit_scale_grad": ref["logit_scale"].item(),

@@ -14,7 +14,8 @@ from recipes.step import train_step
 
 def main(out_dir: str, ds_config: str) -> None:
     cfg = load_config("recipes/configs/demo.yaml", [f"train.ds_config={ds_config}", "train.batch_size=4",
-                                                   "model.vision.layers=2", "model.text.layers=2"])
+                                                   "model.vision.layers=2", "model.text.layers=2",
+                                                   "model.vision.region_split=-1"])
     info = init_distributed()
     torch.manual_seed(0)
     ds = deepspeed_config(cfg)

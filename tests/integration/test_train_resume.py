@@ -14,6 +14,7 @@ def tiny_run(tmp_path, shards, name: str) -> list[str]:
     return [f"data.train_shards={spec}", "data.workers=2", "data.shuffle_buffer=8", "train.batch_size=4",
             "train.steps=6", "train.warmup_steps=2", "model.dropout=0.1", "model.vision.image_size=32",
             "model.vision.patch_size=8", "model.text.layers=2", "model.vision.layers=2",
+            "model.vision.region_split=-1",
             f"checkpoint.dir={tmp_path / name / 'ckpt'}", "checkpoint.every_steps=3",
             f"logging.dir={tmp_path / name}", "logging.every_steps=1", "logging.progress=false"]
 

@@ -52,13 +52,16 @@ def test_tree_prior_is_a_product_of_links():
     torch.testing.assert_close(tree_log_prior(beta)[0].exp(), c)
 
 
-def test_first_token_link_uses_its_only_neighbour():
+@pytest.mark.parametrize("tokens", [3, 20])  # fewer / more tokens than channels: both ways of computing q·k
+def test_first_token_link_uses_its_only_neighbour(tokens):
     """Token 0 has one neighbour: its softmax gives it probability 1, so â_{0,1} = sqrt(p_{1,0})."""
     torch.manual_seed(0)
     module = TreePrior(8, cfg=HierConfig())
-    x = torch.randn(1, 3, 8)
+    torch.nn.init.normal_(module.b_q)
+    x = torch.randn(1, tokens, 8)
     links, _ = module(x, None, None)
-    q, k = module.project(x)
+    t = module.ln(x)
+    q, k = t @ module.w_q.T + module.b_q, t @ module.w_k.T  # plain projections (the module uses associativity)
     s_10, s_12 = (q[0, 1] @ k[0, 0]) / 256, (q[0, 1] @ k[0, 2]) / 256
     p_10 = torch.softmax(torch.stack([s_10, s_12]), 0)[0]
     torch.testing.assert_close(links[0, 0], p_10.sqrt())

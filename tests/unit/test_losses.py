@@ -19,6 +19,7 @@ from model.losses import (
     compute_loss,
     gather_with_grad,
     info_nce,
+    row_logsumexp,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +55,9 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_info_nce_matches_row_by_row_reference(impl, alpha, masked):
     rows, cols = _embeddings(9, 16, seed=1), _embeddings(23, 16, seed=2)
     scale = torch.tensor([7.0], dtype=torch.float64)
-    valid = torch.rand(23, generator=torch.Generator().manual_seed(3)) > 0.4 if masked else torch.ones(23, dtype=torch.bool)
+    valid = torch.ones(23, dtype=torch.bool)
+    if masked:
+        valid = torch.rand(23, generator=torch.Generator().manual_seed(3)) > 0.4
     valid[5] = False  # row 0 of this shard (offset 5) is a missing sample
     got = info_nce(rows, cols, scale, valid=valid, row_offset=5, alpha=alpha, impl=impl, tile_size=4)
     torch.testing.assert_close(got, _reference_info_nce(rows, cols, scale, valid, 5, alpha), rtol=1e-12, atol=0)
@@ -64,11 +67,13 @@ def test_info_nce_matches_row_by_row_reference(impl, alpha, masked):
 @pytest.mark.parametrize("masked", [False, True])
 def test_tiled_matches_dense_value_and_gradients_fp32(alpha, masked):
     batch, total, dim = 200, 333, 48  # not multiples of the tile: ragged last blocks
-    rows, cols = _embeddings(batch, dim, seed=4, dtype=torch.float32), _embeddings(total, dim, seed=5, dtype=torch.float32)
+    rows = _embeddings(batch, dim, seed=4, dtype=torch.float32)
+    cols = _embeddings(total, dim, seed=5, dtype=torch.float32)
     valid = (torch.rand(total, generator=torch.Generator().manual_seed(6)) > 0.25) if masked else None
     results = {}
     for impl in ("dense", "tiled"):
-        leaves = [rows.clone().requires_grad_(), cols.clone().requires_grad_(), torch.tensor([20.0], requires_grad=True)]
+        leaves = [rows.clone().requires_grad_(), cols.clone().requires_grad_(),
+                  torch.tensor([20.0], requires_grad=True)]
         loss = info_nce(*leaves, valid=valid, row_offset=100, alpha=alpha, impl=impl, tile_size=64)
         results[impl] = (loss, *torch.autograd.grad(loss, leaves))
     for dense, tiled in zip(results["dense"], results["tiled"]):
@@ -95,6 +100,18 @@ def test_no_valid_column_gives_zero_loss_and_finite_gradients():
         loss.backward()
         assert loss.item() == 0.0
         assert torch.all(rows.grad == 0) and torch.all(cols.grad == 0)
+
+
+def test_row_logsumexp_of_fully_masked_rows_is_a_constant():
+    # Called directly (not through info_nce, which zeroes such rows), the masked logits must still get no
+    # gradient, exactly as the dense masked_fill gives.
+    for impl in ("dense", "tiled"):
+        rows, cols = _embeddings(5, 8, seed=12).requires_grad_(), _embeddings(7, 8, seed=13).requires_grad_()
+        scale = torch.tensor([4.0], dtype=torch.float64, requires_grad=True)
+        lse = row_logsumexp(rows, cols, scale, torch.zeros(7, dtype=torch.bool), impl=impl, tile_size=3)
+        lse.sum().backward()
+        assert torch.isfinite(lse).all()
+        assert torch.all(rows.grad == 0) and torch.all(cols.grad == 0) and torch.all(scale.grad == 0)
 
 
 def _clip_inputs(batch=12, dim=16, seed=11):
@@ -141,7 +158,9 @@ def _subset_term(image_emb, text_emb, keep, scale, alpha):
     x, y = image_emb[keep], text_emb[keep]
     n = x.shape[0]
     every = torch.ones(n, dtype=torch.bool)
-    return (_reference_info_nce(x, y, scale, every, 0, alpha) + _reference_info_nce(y, x, scale, every, 0, alpha)) / (2 * n)
+    image_to_text = _reference_info_nce(x, y, scale, every, 0, alpha)
+    text_to_image = _reference_info_nce(y, x, scale, every, 0, alpha)
+    return (image_to_text + text_to_image) / (2 * n)
 
 
 @pytest.mark.parametrize("impl", ["dense", "tiled"])
@@ -174,7 +193,8 @@ def test_pyramid_terms_without_pairs_drop_and_weights_renormalise():
     none = torch.zeros(16, dtype=torch.bool)
 
     # Only (local, caption) survives: it is the whole loss, not a third of a half of it.
-    loss, metrics = compute_loss(cfg, image, text, {"region": none, "summary": none, "objects": none}, scale, gather=False)
+    only_caption = {"region": none, "summary": none, "objects": none}
+    loss, metrics = compute_loss(cfg, image, text, only_caption, scale, gather=False)
     torch.testing.assert_close(loss, metrics["loss/local_caption"], rtol=1e-12, atol=0)
     assert metrics["pairs/global_summary"] == 0 and metrics["pairs/local_caption"] == 16
 
@@ -229,7 +249,8 @@ def _check_triton_against_dense() -> None:
         valid = torch.rand(total) > 0.3 if masked else None
         results = {}
         for impl in ("dense", "triton"):
-            leaves = [rows.clone().requires_grad_(), cols.clone().requires_grad_(), torch.tensor([14.0], requires_grad=True)]
+            leaves = [rows.clone().requires_grad_(), cols.clone().requires_grad_(),
+                      torch.tensor([14.0], requires_grad=True)]
             loss = info_nce(*leaves, valid=valid, row_offset=100, alpha=alpha, impl=impl)
             results[impl] = [t.float() for t in (loss, *torch.autograd.grad(loss, leaves))]
         # bf16 embeddings: both paths upcast to fp32; only the bf16 rounding of the returned gradients differs.
@@ -237,6 +258,11 @@ def _check_triton_against_dense() -> None:
         for name, dense, triton_value in zip(("loss", "rows", "cols", "scale"), results["dense"], results["triton"]):
             error = _relative_error(triton_value, dense)
             assert error <= tolerance, f"{name} ({dtype}, alpha={alpha}, masked={masked}): relative error {error:.2e}"
+    # No valid column at all: a finite constant, as in the dense path.
+    leaves = [rows.float().requires_grad_(), cols.float().requires_grad_(), torch.tensor([14.0], requires_grad=True)]
+    lse = row_logsumexp(*leaves, torch.zeros(total, dtype=torch.bool), impl="triton")
+    lse.sum().backward()
+    assert torch.isfinite(lse).all() and all(torch.all(leaf.grad == 0) for leaf in leaves)
 
 
 def test_triton_kernel_matches_dense_under_interpreter():

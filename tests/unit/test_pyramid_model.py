@@ -138,9 +138,15 @@ def test_missing_levels_run_the_same_modules():
     assert "visual.regions" in calls and "visual.transformer.blocks.2.prior" in calls
 
 
-def test_region_split_must_leave_top_blocks():
-    cfg = small_config()
+def test_region_split():
+    cfg = small_config()  # 3 blocks
+
+    def split(region_split: int) -> int:
+        vision = dataclasses.replace(cfg.vision, region_split=region_split)
+        return CLIP(dataclasses.replace(cfg, vision=vision)).visual.region_split
+
+    assert (split(-2), split(1), split(-5)) == (1, 1, 0)  # a tower shorter than |split| makes every block f2
     with pytest.raises(ValueError, match="region_split"):
-        CLIP(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, region_split=3)))
+        split(3)
     with pytest.raises(ValueError, match="region_source"):
         CLIP(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, region_source="detector")))

@@ -1,0 +1,283 @@
+"""The on-paper scale-out model behind docs/scaling.md: every number there comes from this file's inputs.
+
+    python bench/scaling_model.py [--recipe recipes/configs/hiclip_pyramid_b16.yaml] [--global-batch 32768]
+
+ViT-B/16 HiCLIP × PyramidCLIP (the recipe's model) at a fixed global batch on 64–1,024 H100s: FLOPs per sample
+(model/flops.py), parameter count (the model built on the meta device), and per step the bytes each collective
+moves and the time it takes on the stated links, against the compute time at a stated fraction of peak.
+Nothing here is measured; `Inputs` holds every assumption. Prints the doc's tables; last line one JSON object.
+
+Cost of a collective (ring algorithm, the one NCCL uses for all-gather and reduce-scatter), S = the full
+gathered (or reduced) buffer, p ranks, B = the bus bandwidth of the slowest link the rings cross:
+    t(S, p) = (p − 1) / p · S / (η · B)          each rank receives (p − 1)/p · S bytes
+Intra-node B is NVLink per direction; across nodes every ring crosses each node boundary once and the 8 rings
+(NCCL channels) share the node's NICs, so B = min(NVLink per direction, the node's NIC bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Fabric:
+    name: str
+    nic_gbs_per_node: float  # GB/s leaving (and entering) one node
+
+
+@dataclass(frozen=True)
+class Inputs:
+    recipe: str = "recipes/configs/hiclip_pyramid_b16.yaml"
+    global_batch: int = 32_768
+    worlds: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    gpus_per_node: int = 8
+    peak_tflops: float = 989.0  # H100 SXM dense bf16 (recipes/metrics.py)
+    mfu: float = 0.40  # achieved fraction of peak on every FLOP executed (recipes/dry_run.py's assumption)
+    hbm_gb: float = 80.0
+    activation_budget: float = 0.5  # of HBM for one chunk's activations (the rest: states, logits, allocator slack)
+    nvlink_gbs: float = 450.0  # per direction (H100 NVLink 4: 900 GB/s bidirectional)
+    fabrics: tuple[Fabric, ...] = field(default_factory=lambda: (
+        Fabric("8×400 Gb/s IB per node", 8 * 400 / 8),  # one 400 Gb/s NIC per GPU: 400 GB/s per node
+        Fabric("1×400 Gb/s per node", 400 / 8),  # one NIC shared by 8 GPUs: 50 GB/s per node
+    ))
+    link_efficiency: float = 0.8  # η: fraction of line rate a large ring collective achieves
+    ring_step_latency_us: float = 3.0  # α: one ring step when the ring crosses nodes (IB, small message)
+    nvlink_step_latency_us: float = 1.0  # α inside a node
+    bytes_param: int = 2  # bf16 parameters are what ZeRO-3 gathers
+    bytes_grad: int = 2  # bf16 gradients are what it reduce-scatters (bench/zero_memory.py: 2 B/param)
+    bytes_embedding: int = 2  # the towers' bf16 embeddings are what the loss gathers
+    reduce_bucket: int = 50_000_000  # ds_configs/zero{2,3}.json reduce_bucket_size (elements)
+    allgather_bucket: int = 50_000_000  # ds_configs/zero2.json allgather_bucket_size (elements)
+    persistence_threshold: int = 100_000  # ds_configs/zero3.json stage3_param_persistence_threshold
+
+
+# --------------------------------------------------------------------------- the model's own numbers
+@dataclass(frozen=True)
+class ModelNumbers:
+    params: int
+    params_gathered: int  # above the persistence threshold: what ZeRO-3 partitions and re-gathers
+    gather_modules: int  # modules owning such parameters: an upper bound on gather calls per pass
+    prior_params: int
+    forward_flops: int  # per sample: both towers, every pyramid view and text, regions, priors
+    prior_flops: int
+    vanilla_forward_flops: int  # the same sample without HiCLIP's priors
+    clip_forward_flops: int  # plain CLIP: one image, one caption
+    embed_dim: int
+    levels: int  # embeddings per sample the loss gathers
+    activation_bytes: int  # per sample, bf16, no recomputation
+
+
+def model_numbers(inputs: Inputs) -> ModelNumbers:
+    import copy
+
+    import torch
+
+    from model.clip import CLIP
+    from model.flops import count_flops
+    from recipes.config import load_config
+
+    cfg = load_config(inputs.recipe)
+    pyramid = cfg.loss.kind == "pyramid"
+    with torch.device("meta"):
+        model = CLIP(cfg.model)
+    sizes = [p.numel() for p in model.parameters()]
+    gathered = sum(n for n in sizes if n > inputs.persistence_threshold)
+    gather_modules = sum(1 for m in model.modules()
+                         if any(p.numel() > inputs.persistence_threshold for p in m.parameters(recurse=False)))
+    vanilla = copy.deepcopy(cfg.model)
+    vanilla.vision.attention = vanilla.text.attention = "vanilla"
+    flops = count_flops(cfg.model, pyramid=pyramid)
+    return ModelNumbers(
+        params=sum(sizes), params_gathered=gathered, gather_modules=gather_modules,
+        prior_params=sum(p.numel() for name, p in model.named_parameters() if ".prior." in name),
+        forward_flops=flops.forward, prior_flops=flops.prior,
+        vanilla_forward_flops=count_flops(vanilla, pyramid=pyramid).forward,
+        clip_forward_flops=count_flops(vanilla, pyramid=False).forward,
+        embed_dim=cfg.model.embed_dim, levels=6 if pyramid else 2,
+        activation_bytes=activation_bytes_per_sample(cfg.model, pyramid),
+    )
+
+
+def activation_bytes_per_sample(cfg, pyramid: bool) -> int:
+    """Korthikanti et al. 2022 (eq. 1): one 16-bit transformer block keeps s·h·(34 + 5·a·s/h) bytes per sample
+    for its backward; HiCLIP adds one fp32 N×N prior per sample and block (shared by the heads)."""
+    def tower(tokens: int, width: int, heads: int, layers: int, hier: bool) -> float:
+        block = tokens * width * (34 + 5 * heads * tokens / width) + (4 * tokens**2 if hier else 0)
+        return layers * block
+
+    v, t = cfg.vision, cfg.text
+    image = tower(v.grid_size**2 + 1, v.width, v.heads, v.layers, v.attention == "hier")
+    text = tower(t.context_length, t.width, t.heads, t.layers, t.attention == "hier")
+    views, texts = (2, 3) if pyramid else (1, 1)
+    return int(views * image + texts * text)
+
+
+# --------------------------------------------------------------------------- one step at one world size
+@dataclass(frozen=True)
+class Collective:
+    """`calls` ring collectives over `ranks`, moving `size_bytes` in all (the full gathered / reduced buffers)."""
+
+    size_bytes: float
+    ranks: int
+    calls: int
+    bus_gbs: float
+    step_latency_s: float  # α: one ring step on the slowest link crossed
+
+    def bandwidth_seconds(self, efficiency: float) -> float:
+        return (self.ranks - 1) / self.ranks * self.size_bytes / (efficiency * self.bus_gbs * GB)
+
+    def latency_seconds(self) -> float:
+        return self.calls * (self.ranks - 1) * self.step_latency_s
+
+
+def chunk_size(inputs: Inputs, m: ModelNumbers) -> int:
+    """Largest power of two whose activations fit the budget: the gradient cache's per-GPU chunk."""
+    fit = inputs.activation_budget * inputs.hbm_gb * GB / m.activation_bytes
+    return 2 ** int(math.log2(fit))
+
+
+def step_model(inputs: Inputs, m: ModelNumbers, world: int, fabric: Fabric) -> dict:
+    g = min(inputs.gpus_per_node, world)
+    nodes = world // g
+    per_gpu = inputs.global_batch // world
+    chunk = chunk_size(inputs, m)
+    chunks = math.ceil(per_gpu / chunk)
+    cached = chunks > 1  # the cache is on only where one chunk cannot hold the per-GPU batch
+    bus = inputs.nvlink_gbs if nodes == 1 else min(inputs.nvlink_gbs, fabric.nic_gbs_per_node)
+    alpha = (inputs.ring_step_latency_us if nodes > 1 else inputs.nvlink_step_latency_us) * 1e-6
+    node_alpha = inputs.nvlink_step_latency_us * 1e-6
+
+    def across_all(size: float, calls: int) -> Collective:
+        return Collective(size, world, calls, bus, alpha)
+
+    # Compute: 3 forward-equivalents per sample (forward + 2× backward), one more when the cache replays.
+    forwards = 3 + (1 if cached else 0)
+    compute_s = per_gpu * m.forward_flops * forwards / (inputs.mfu * inputs.peak_tflops * 1e12)
+
+    # ZeRO-3: every forward gathers the partitioned parameters and so does every backward (each module's are
+    # released after use); with the cache that is per chunk: no-grad forward, replayed forward, backward.
+    # Prefetch issues about one gather per parameterised module.
+    passes = 3 * chunks if cached else 2
+    param_bytes = m.params_gathered * inputs.bytes_param
+    grad_bytes = m.params * inputs.bytes_grad
+    reduce = across_all(grad_bytes, math.ceil(m.params / inputs.reduce_bucket))  # once per step (coalesced)
+    zero3 = [across_all(passes * param_bytes, passes * m.gather_modules), reduce]
+    # ZeRO++ hpZ (zero_hpz_partition_size = GPUs per node): a step's first gather crosses nodes and leaves a
+    # node-local secondary shard; every later gather of that step stays inside the node, over NVLink.
+    hpz = [across_all(param_bytes, m.gather_modules),
+           Collective((passes - 1) * param_bytes, g, (passes - 1) * m.gather_modules, inputs.nvlink_gbs, node_alpha),
+           reduce]
+    # ZeRO-2: the same reduce-scatter, then one all-gather of the updated bf16 parameters after the step.
+    zero2_gather = across_all(m.params * inputs.bytes_param, math.ceil(m.params / inputs.allgather_bucket))
+    # The loss: all-gather of every level's embeddings and of their masks, reduce-scatter of their gradients.
+    emb_bytes = m.levels * inputs.global_batch * m.embed_dim * inputs.bytes_embedding
+    loss = [across_all(emb_bytes, 2), across_all(m.levels * inputs.global_batch, 1)]
+
+    eta = inputs.link_efficiency
+    bw = lambda cs: sum(c.bandwidth_seconds(eta) for c in cs)  # noqa: E731
+    lat = lambda cs: sum(c.latency_seconds() for c in cs)  # noqa: E731
+    total = lambda cs: bw(cs) + lat(cs)  # noqa: E731
+    loss_s = total(loss)
+    # Overlap: ZeRO-3's gathers (prefetch) and every gradient reduce-scatter (overlap_comm) run beside compute;
+    # ZeRO-2's parameter all-gather after the optimizer step and the loss's collectives sit on the critical path.
+    z3_step = max(compute_s, total(zero3)) + loss_s
+    hpz_step = max(compute_s, total(hpz)) + loss_s
+    z2_step = max(compute_s, total([reduce])) + total([zero2_gather]) + loss_s
+    # The ring-step latency at which each strategy's communication would just equal the compute it hides behind.
+    calls_x_steps = lambda cs: sum(c.calls * (c.ranks - 1) for c in cs)  # noqa: E731
+    z3_alpha_even_us = max(0.0, compute_s - bw(zero3)) / calls_x_steps(zero3) * 1e6
+    z2_alpha_even_us = max(0.0, compute_s - bw([reduce, zero2_gather])) / calls_x_steps([reduce, zero2_gather]) * 1e6
+    return {
+        "world": world, "nodes": nodes, "z3_alpha_even_us": z3_alpha_even_us, "z2_alpha_even_us": z2_alpha_even_us, "per_gpu_batch": per_gpu, "chunk": chunk, "chunks": chunks,
+        "cached": cached, "compute_s": compute_s, "passes": passes,
+        "param_gb_per_gpu": (world - 1) / world * passes * param_bytes / GB,
+        "z3_bw_s": bw(zero3), "z3_lat_s": lat(zero3), "hpz_bw_s": bw(hpz), "hpz_lat_s": lat(hpz),
+        "z2_bw_s": bw([reduce, zero2_gather]), "z2_lat_s": lat([reduce, zero2_gather]),
+        "loss_bw_s": bw(loss), "loss_lat_s": lat(loss),
+        "z3_comm_over_compute": total(zero3) / compute_s, "hpz_comm_over_compute": total(hpz) / compute_s,
+        "z2_comm_over_compute": total([reduce, zero2_gather]) / compute_s,
+        "z3_step_s": z3_step, "hpz_step_s": hpz_step, "z2_step_s": z2_step,
+    }
+
+
+# --------------------------------------------------------------------------- printing
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def tables(inputs: Inputs, m: ModelNumbers) -> tuple[str, dict]:
+    lines = []
+    add = lines.append
+    train = 3 * m.forward_flops
+    add("## Model")
+    add(f"parameters {m.params / 1e6:.2f} M (HiCLIP priors {m.prior_params / 1e6:.2f} M); partitioned by ZeRO-3 "
+        f"(> {inputs.persistence_threshold:,} elements) {m.params_gathered / 1e6:.2f} M in {m.gather_modules} modules")
+    add(f"forward FLOPs/sample {m.forward_flops / 1e9:.2f} G (priors {m.prior_flops / 1e9:.2f} G = "
+        f"{m.prior_flops / m.vanilla_forward_flops:.1%} over the same sample without them); plain CLIP "
+        f"{m.clip_forward_flops / 1e9:.2f} G; train step 3× = {train / 1e9:.2f} G, with the cache 4× = "
+        f"{4 * m.forward_flops / 1e9:.2f} G")
+    add(f"activations/sample {m.activation_bytes / GB:.3f} GB -> gradient-cache chunk {chunk_size(inputs, m)} "
+        f"per GPU ({chunk_size(inputs, m) * m.activation_bytes / GB:.1f} GB of the {inputs.activation_budget:.0%} × "
+        f"{inputs.hbm_gb:.0f} GB budget)")
+    add(f"bytes: ZeRO-3 gather {m.params_gathered * inputs.bytes_param / GB:.3f} GB per pass, gradient "
+        f"reduce-scatter {m.params * inputs.bytes_grad / GB:.3f} GB, loss embeddings {m.levels} × "
+        f"{inputs.global_batch} × {m.embed_dim} × {inputs.bytes_embedding} B = "
+        f"{m.levels * inputs.global_batch * m.embed_dim * inputs.bytes_embedding / GB:.3f} GB")
+    # Model states per GPU, bytes per parameter as bench/zero_memory.py measures them under bf16: parameters 2,
+    # gradients 2, fp32 master 4, Adam moments 8. ZeRO-2 keeps the bf16 parameters whole, ZeRO-3 shards all.
+    for world in (inputs.worlds[0], inputs.worlds[-1]):
+        zero2 = m.params * (2 + (2 + 4 + 8) / world)
+        zero3 = m.params * 16 / world
+        add(f"model states per GPU at {world} GPUs: ZeRO-2 {zero2 / GB:.3f} GB, ZeRO-3 {zero3 / GB:.3f} GB "
+            f"(of {inputs.hbm_gb:.0f} GB)")
+    summary: dict = {"bench": "scaling_model", "params_m": round(m.params / 1e6, 2),
+                     "forward_gflop": round(m.forward_flops / 1e9, 2)}
+    for fabric, key in zip(inputs.fabrics, ("ib8", "ib1")):
+        rows = [step_model(inputs, m, world, fabric) for world in inputs.worlds]
+        add("")
+        add(f"### {fabric.name}: bus {min(inputs.nvlink_gbs, fabric.nic_gbs_per_node):.0f} GB/s across nodes")
+        add("| GPUs | batch/GPU | chunks | compute | ZeRO-3 passes | ZeRO-3 comm bw + lat | ZeRO-3+hpZ bw + lat | "
+            "ZeRO-2 bw + lat | loss bw + lat | comm/compute Z3 / hpZ / Z2 | step Z3 / hpZ / Z2 | "
+            "break-even α Z3 / Z2 (µs) |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            add(f"| {r['world']} | {r['per_gpu_batch']} | {r['chunks']} | {ms(r['compute_s'])} | {r['passes']} | "
+                f"{ms(r['z3_bw_s'])} + {ms(r['z3_lat_s'])} | {ms(r['hpz_bw_s'])} + {ms(r['hpz_lat_s'])} | "
+                f"{ms(r['z2_bw_s'])} + {ms(r['z2_lat_s'])} | {ms(r['loss_bw_s'])} + {ms(r['loss_lat_s'])} | "
+                f"{r['z3_comm_over_compute']:.2f} / {r['hpz_comm_over_compute']:.2f} / "
+                f"{r['z2_comm_over_compute']:.2f} | {ms(r['z3_step_s'])} / {ms(r['hpz_step_s'])} / "
+                f"{ms(r['z2_step_s'])} | {r['z3_alpha_even_us']:.2f} / {r['z2_alpha_even_us']:.1f} |")
+        for strategy in ("z3", "hpz", "z2"):
+            bound = [r["world"] for r in rows if r[f"{strategy}_comm_over_compute"] > 1]
+            summary[f"{key}_{strategy}_comm_bound_from"] = bound[0] if bound else None
+            summary[f"{key}_{strategy}_efficiency"] = {r["world"]: round(r["compute_s"] / r[f"{strategy}_step_s"], 3)
+                                                      for r in rows}
+    add("")
+    add("(times in ms per step; bw = bandwidth term, lat = latency term; step = max(compute, overlapped comm) + "
+        "exposed comm)")
+    return "\n".join(lines), summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=Inputs.recipe)
+    parser.add_argument("--global-batch", type=int, default=Inputs.global_batch)
+    args = parser.parse_args()
+    inputs = Inputs(recipe=args.recipe, global_batch=args.global_batch)
+    text, summary = tables(inputs, model_numbers(inputs))
+    print(text)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

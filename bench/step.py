@@ -1,0 +1,142 @@
+"""One optimizer step of the full training loop, side by side in one process on CPU.
+
+    python bench/step.py [--repeats 7] [--batch 32]
+
+Ours: `recipes.step.train_step` through the DeepSpeed engine (ZeRO-2, world of one, gloo), the same call the
+trainer makes. Reference: open_clip's model and ClipLoss with a plain torch AdamW, the standard CLIP step.
+Same tower sizes, batch and precision (fp32); data are in-memory tensors so the loader is not measured.
+Variants are interleaved repeat by repeat and compared by the ratio of medians.
+Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+# A ViT-B/32-shaped model scaled down in width and depth so one step takes about a second on a CPU core.
+SIZE = dict(image_size=224, patch_size=32, vision_width=384, vision_layers=6, vision_heads=6,
+            text_width=256, text_layers=6, text_heads=4, embed_dim=256, context=77)
+
+
+def batch_tensors(batch: int, pyramid: bool, generator: torch.Generator) -> dict:
+    s, c = SIZE["image_size"], SIZE["context"]
+
+    def tokens(length: int) -> torch.Tensor:
+        t = torch.zeros(batch, c, dtype=torch.long)
+        t[:, 0], t[:, 1:length - 1], t[:, length - 1] = 49406, torch.randint(1, 49000, (batch, length - 2), generator=generator), 49407
+        return t
+
+    out = {"image": torch.randn(batch, 3, s, s, generator=generator), "text": tokens(20)}
+    if pyramid:
+        out.update(image_local=torch.randn(batch, 3, s, s, generator=generator), summary=tokens(6), objects=tokens(12),
+                   summary_mask=torch.ones(batch, dtype=torch.bool), objects_mask=torch.ones(batch, dtype=torch.bool),
+                   boxes=torch.tensor([[0.1, 0.1, 0.6, 0.7]]).repeat(batch, 10, 1),
+                   boxes_mask=torch.arange(10).expand(batch, 10) < 3)
+    return out
+
+
+def ours(attention: str, loss: str, batch: int):
+    from model.clip import CLIP
+    from recipes.config import load_config
+    from recipes.engine import build_engine, deepspeed_config, model_init_context
+    from recipes.step import train_step
+
+    z = SIZE
+    cfg = load_config(None, [
+        f"model.embed_dim={z['embed_dim']}", f"model.vision.image_size={z['image_size']}",
+        f"model.vision.patch_size={z['patch_size']}", f"model.vision.width={z['vision_width']}",
+        f"model.vision.layers={z['vision_layers']}", f"model.vision.heads={z['vision_heads']}",
+        f"model.text.width={z['text_width']}", f"model.text.layers={z['text_layers']}",
+        f"model.text.heads={z['text_heads']}", f"model.vision.attention={attention}",
+        f"model.text.attention={attention}", f"loss.kind={loss}", "loss.label_smoothing=0.0",
+        "train.precision=fp32", "train.ds_config=ds_configs/zero2.json", f"train.batch_size={batch}",
+    ])
+    torch.manual_seed(0)
+    ds = deepspeed_config(cfg)
+    with model_init_context(ds):
+        model = CLIP(cfg.model)
+    engine = build_engine(model, cfg, ds)
+    data = batch_tensors(batch, loss == "pyramid", torch.Generator().manual_seed(0))
+    return lambda: train_step(engine, data, cfg.loss, cfg.grad_cache)
+
+
+def open_clip_step(batch: int):
+    from open_clip.loss import ClipLoss
+    from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
+
+    z = SIZE
+    torch.manual_seed(0)
+    model = OpenCLIP(
+        embed_dim=z["embed_dim"],
+        vision_cfg=CLIPVisionCfg(layers=z["vision_layers"], width=z["vision_width"], patch_size=z["patch_size"],
+                                 image_size=z["image_size"], head_width=z["vision_width"] // z["vision_heads"]),
+        text_cfg=CLIPTextCfg(context_length=z["context"], width=z["text_width"], heads=z["text_heads"],
+                             layers=z["text_layers"]),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    loss_fn = ClipLoss()
+    data = batch_tensors(batch, False, torch.Generator().manual_seed(0))
+
+    def step():
+        image, text, scale = model(data["image"], data["text"])
+        loss = loss_fn(image, text, scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # our engine clips too
+        optimizer.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from recipes.engine import init_distributed
+
+    init_distributed()
+    steps = {
+        "open_clip": open_clip_step(args.batch),
+        "vanilla_clip": ours("vanilla", "clip", args.batch),
+        "hier_clip": ours("hier", "clip", args.batch),
+        "vanilla_pyramid": ours("vanilla", "pyramid", args.batch),
+        "hier_pyramid": ours("hier", "pyramid", args.batch),
+    }
+    for step in steps.values():  # warm-up: allocator, lazy inits, first-call dispatch
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"{'variant':<18}{'median s/step':>14}{'min':>8}{'max':>8}   (batch {args.batch}, fp32, {args.threads} thread)")
+    for name, ts in times.items():
+        print(f"{name:<18}{median[name]:>14.3f}{min(ts):>8.3f}{max(ts):>8.3f}")
+    result = {
+        "bench": "step",
+        "vanilla_vs_open_clip": round(median["vanilla_clip"] / median["open_clip"], 3),
+        "hier_vs_vanilla": round(median["hier_clip"] / median["vanilla_clip"], 3),
+        "pyramid_vs_vanilla": round(median["vanilla_pyramid"] / median["vanilla_clip"], 3),
+        "hier_pyramid_vs_vanilla": round(median["hier_pyramid"] / median["vanilla_clip"], 3),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
