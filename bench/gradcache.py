@@ -6,14 +6,16 @@ DeepSpeed engine, ZeRO-3, fp32, one rank on CPU, at global batches 256, 1024 and
 row runs the cache at the largest batch with `reduction: boundary` (one gradient reduction per chunk) to show
 what `engine.coalesce_grad_reduction()` (one reduction per step) costs in memory.
 
-Method. Each case runs in a fresh Python process with `MALLOC_MMAP_THRESHOLD_=65536`, so freed tensors leave
-the resident set at once. The engine is built and one warm-up step runs at the chunk size; then the batch is
-made, the kernel's peak-RSS mark is reset (`echo 5 > /proc/self/clear_refs`), and one step runs:
+Method. Each batch size runs in a fresh Python process with `MALLOC_MMAP_THRESHOLD_=65536`, so freed tensors
+leave the resident set at once. The engine is built and every mode takes one warm-up step at the chunk size;
+then rounds run one step per mode in turn. Before each step the kernel's peak-RSS mark is reset
+(`echo 5 > /proc/self/clear_refs`):
     memory = VmHWM (peak resident set) − VmRSS just before the step,
 every byte the step made resident (activations, logits, gradients, optimizer temporaries), not the model,
-the optimizer state, the batch or the runtime. The time is that step's wall clock.
+the optimizer state, the batch or the runtime (the largest over rounds). The time is the step's wall clock,
+the best over `--reps` rounds; alternating modes within one process keeps machine-load drift out of the ratio.
 
-Usage: python bench/gradcache.py [--sizes 256 1024 4096] [--chunk 128] [--threads 1]
+Usage: python bench/gradcache.py [--sizes 256 1024 4096] [--chunk 128] [--threads 1] [--reps 2]
 The last line printed is one JSON object.
 """
 from __future__ import annotations
@@ -46,20 +48,22 @@ def _batch(n: int, cfg, gen) -> dict:
     return {"image": torch.randn(n, 3, size, size, generator=gen), "text": text}
 
 
-def _run_case(n: int, mode: str, chunk: int, threads: int) -> dict:
-    """In the child process: build the engine, warm up at the chunk size, measure one step at batch n."""
+def _run_size(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> dict:
+    """In the child process: one engine, every mode warmed up at the chunk size, then `reps` rounds that run
+    one step per mode at batch n in turn (rounds alternate, so a load change on the machine hits all modes)."""
     import torch
 
     from model.clip import CLIP
     from recipes.config import load_config
     from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
+    from recipes.grad_cache import GradCacheConfig
     from recipes.step import train_step
 
     torch.set_num_threads(threads)
-    reduction = "boundary" if mode == "cached-boundary" else "coalesce"
     cfg = load_config(None, MODEL + [f"train.batch_size={n}", "train.precision=fp32", "train.warmup_steps=1",
-                                     f"grad_cache.chunk_size={chunk if mode != 'plain' else 0}",
-                                     f"grad_cache.reduction={reduction}", "loss.kind=clip"])
+                                     "loss.kind=clip"])
+    caches = {"plain": None, "cached": GradCacheConfig(chunk, "coalesce"),
+              "cached-boundary": GradCacheConfig(chunk, "boundary")}
     init_distributed()
     torch.manual_seed(0)
     ds = deepspeed_config(cfg)
@@ -67,25 +71,32 @@ def _run_case(n: int, mode: str, chunk: int, threads: int) -> dict:
         model = CLIP(cfg.model)
     engine = build_engine(model, cfg, ds)
     gen = torch.Generator().manual_seed(0)
-    train_step(engine, _batch(chunk, cfg, gen), cfg.loss, cfg.grad_cache)  # warm-up: kernels, allocator, optimizer
+    for mode in modes:  # warm-up: kernels, allocator, optimizer state, ZeRO-3 trace
+        train_step(engine, _batch(chunk, cfg, gen), cfg.loss, caches[mode])
 
     batch = _batch(n, cfg, gen)
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
-    before = _status_mib("VmRSS")
-    start = time.perf_counter()
-    train_step(engine, batch, cfg.loss, cfg.grad_cache)
-    seconds = time.perf_counter() - start
+    memory: dict[str, float] = {mode: 0.0 for mode in modes}
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(reps):
+        for mode in modes:
+            Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
+            before = _status_mib("VmRSS")
+            start = time.perf_counter()
+            train_step(engine, batch, cfg.loss, caches[mode])
+            times[mode].append(time.perf_counter() - start)
+            memory[mode] = max(memory[mode], _status_mib("VmHWM") - before)
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    return {"mem_mib": _status_mib("VmHWM") - before, "time_s": seconds, "params": params}
+    return {mode: {"mem_mib": memory[mode], "time_s": min(times[mode]), "params": params} for mode in modes}
 
 
-def _child(n: int, mode: str, chunk: int, threads: int) -> dict:
+def _child(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads),
            "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
-    out = subprocess.run([sys.executable, __file__, "--child", str(n), mode, "--chunk", str(chunk),
-                          "--threads", str(threads)], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, __file__, "--child", str(n), ",".join(modes), "--chunk", str(chunk),
+           "--threads", str(threads), "--reps", str(reps)]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"case N={n} {mode} failed:\n{out.stderr[-4000:]}")
+        raise RuntimeError(f"batch {n} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -94,20 +105,23 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=2, help="rounds of steps; the time is the best round's")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_run_case(int(args.child[0]), args.child[1], args.chunk, args.threads)))
+        modes = args.child[1].split(",")
+        print(json.dumps(_run_size(int(args.child[0]), modes, args.chunk, args.threads, args.reps)))
         return
 
     print(f"| global batch | step | step memory (MiB) | step time (s) |  (ZeRO-3, fp32, 1 rank, CPU, chunk "
-          f"{args.chunk}, {args.threads} thread(s))")
+          f"{args.chunk}, {args.threads} thread(s), best of {args.reps})")
     print("|---|---|---|---|")
     results: dict[tuple[int, str], dict] = {}
-    cases = [(n, mode) for n in args.sizes for mode in ("plain", "cached")] + [(max(args.sizes), "cached-boundary")]
-    for n, mode in cases:
-        results[n, mode] = r = _child(n, mode, args.chunk, args.threads)
-        print(f"| {n} | {mode} | {r['mem_mib']:.0f} | {r['time_s']:.2f} |", flush=True)
+    for n in args.sizes:
+        modes = ["plain", "cached"] + (["cached-boundary"] if n == max(args.sizes) else [])
+        for mode, r in _child(n, modes, args.chunk, args.threads, args.reps).items():
+            results[n, mode] = r
+            print(f"| {n} | {mode} | {r['mem_mib']:.0f} | {r['time_s']:.2f} |", flush=True)
 
     small, large = min(args.sizes), max(args.sizes)
     model_mib = results[large, "cached"]["params"] * 4 / 2**20

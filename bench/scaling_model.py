@@ -181,7 +181,7 @@ def step_model(inputs: Inputs, m: ModelNumbers, world: int, fabric: Fabric) -> d
     zero2_gather = across_all(m.params * inputs.bytes_param, math.ceil(m.params / inputs.allgather_bucket))
     # The loss: all-gather of every level's embeddings and of their masks, reduce-scatter of their gradients.
     emb_bytes = m.levels * inputs.global_batch * m.embed_dim * inputs.bytes_embedding
-    loss = [across_all(emb_bytes, 2), across_all(m.levels * inputs.global_batch, 1)]
+    loss = [across_all(emb_bytes, 1), across_all(m.levels * inputs.global_batch, 1), across_all(emb_bytes, 1)]
 
     eta = inputs.link_efficiency
     bw = lambda cs: sum(c.bandwidth_seconds(eta) for c in cs)  # noqa: E731
@@ -193,6 +193,9 @@ def step_model(inputs: Inputs, m: ModelNumbers, world: int, fabric: Fabric) -> d
     z3_step = max(compute_s, total(zero3)) + loss_s
     hpz_step = max(compute_s, total(hpz)) + loss_s
     z2_step = max(compute_s, total([reduce])) + total([zero2_gather]) + loss_s
+    # ZeRO-2 with buckets that hold the whole model: one reduce-scatter and one all-gather call per step.
+    one_call = lambda c: Collective(c.size_bytes, c.ranks, 1, c.bus_gbs, c.step_latency_s)  # noqa: E731
+    z2_one_bucket_step = max(compute_s, total([one_call(reduce)])) + total([one_call(zero2_gather)]) + loss_s
     # The ring-step latency at which each strategy's communication would just equal the compute it hides behind.
     calls_x_steps = lambda cs: sum(c.calls * (c.ranks - 1) for c in cs)  # noqa: E731
     z3_alpha_even_us = max(0.0, compute_s - bw(zero3)) / calls_x_steps(zero3) * 1e6
@@ -206,7 +209,7 @@ def step_model(inputs: Inputs, m: ModelNumbers, world: int, fabric: Fabric) -> d
         "loss_bw_s": bw(loss), "loss_lat_s": lat(loss),
         "z3_comm_over_compute": total(zero3) / compute_s, "hpz_comm_over_compute": total(hpz) / compute_s,
         "z2_comm_over_compute": total([reduce, zero2_gather]) / compute_s,
-        "z3_step_s": z3_step, "hpz_step_s": hpz_step, "z2_step_s": z2_step,
+        "z3_step_s": z3_step, "hpz_step_s": hpz_step, "z2_step_s": z2_step, "z2_one_bucket_step_s": z2_one_bucket_step,
     }
 
 
@@ -257,6 +260,12 @@ def tables(inputs: Inputs, m: ModelNumbers) -> tuple[str, dict]:
                 f"{r['z3_comm_over_compute']:.2f} / {r['hpz_comm_over_compute']:.2f} / "
                 f"{r['z2_comm_over_compute']:.2f} | {ms(r['z3_step_s'])} / {ms(r['hpz_step_s'])} / "
                 f"{ms(r['z2_step_s'])} | {r['z3_alpha_even_us']:.2f} / {r['z2_alpha_even_us']:.1f} |")
+        add("")
+        add("| GPUs | scaling efficiency (compute / step): ZeRO-3 | ZeRO-3 + hpZ | ZeRO-2 | ZeRO-2, one bucket |")
+        add("|---|---|---|---|---|")
+        for r in rows:
+            add(f"| {r['world']} | " + " | ".join(f"{r['compute_s'] / r[f'{k}_step_s']:.2f}"
+                                                for k in ("z3", "hpz", "z2", "z2_one_bucket")) + " |")
         for strategy in ("z3", "hpz", "z2"):
             bound = [r["world"] for r in rows if r[f"{strategy}_comm_over_compute"] > 1]
             summary[f"{key}_{strategy}_comm_bound_from"] = bound[0] if bound else None

@@ -16,8 +16,9 @@ still live and before that step, each rank MEASURES the bytes it holds:
     buffers    the gradient reduction buckets (`ipg_buckets`, both stages, and the parameters' `.grad`s, which
                ZeRO-2 leaves as views into its bucket), sized by `reduce_bucket_size`, not by the model:
                reported, but not model state
-Each tensor's underlying storage is counted once (views of one flat buffer share it), by the first category
-that reaches it, in the order above. "model states" = params + grads + master + optimizer.
+Each storage is counted once, for the first category in the order above that reaches it, which is charged
+the bytes its tensors cover; the rest of that storage is `buffers` (under ZeRO-2 a rank's gradient partition
+lives inside the reduction bucket). "model states" = params + grads + master + optimizer.
 
 Against: DeepSpeed's estimator (`estimate_zero{2,3}_model_states_mem_needs`, the numbers its `_all_live` /
 `_all_cold` printers show, via recipes/dry_run.py; no offload, its per-GPU column) and the ideal: the
@@ -110,19 +111,33 @@ def _tensors_in(obj) -> list:
 
 
 def measure_bytes(engine) -> dict[str, int]:
-    """Bytes per category; a storage shared by several tensors (views of one flat buffer) counts once."""
-    seen: set[int] = set()
-    out = {}
+    """Bytes per category. Each storage belongs to the first category that reaches it, which is charged the
+    bytes its tensors cover (a union: views of one flat buffer count once); what they leave uncovered is
+    `buffers` (ZeRO-2 keeps a rank's gradient partition inside its reduction bucket)."""
+    covered: dict[int, tuple[str, int, list[tuple[int, int]]]] = {}  # storage → (category, size, byte ranges)
     for category, tensors in _tensors_by_category(engine).items():
-        total = 0
         for t in tensors:
             storage = t.untyped_storage()
-            if storage.nbytes() == 0 or storage.data_ptr() in seen:
+            if storage.nbytes() == 0:
                 continue
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-        out[category] = total
+            owner, size, ranges = covered.setdefault(storage.data_ptr(), (category, storage.nbytes(), []))
+            if owner == category:
+                start = t.storage_offset() * t.element_size()
+                ranges.append((start, start + t.numel() * t.element_size()))
+    out = dict.fromkeys(CATEGORIES, 0)
+    for category, size, ranges in covered.values():
+        used = _union_length(ranges)
+        out[category] += used
+        out["buffers"] += size - used
     return out
+
+
+def _union_length(ranges: list[tuple[int, int]]) -> int:
+    total, reach = 0, 0
+    for start, end in sorted(ranges):
+        total += max(0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
 
 
 def unsharded_bytes(model, stage: int, ds: dict) -> int:
@@ -140,10 +155,10 @@ def worker(stage: int) -> None:
     import torch.distributed as dist
 
     from model.clip import CLIP
+    from model.losses import compute_loss
     from recipes.dry_run import GIB, count_params, model_state_gib
     from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
     from recipes.step import split_levels, train_step
-    from model.losses import compute_loss
 
     torch.set_num_threads(1)
     cfg = _config(stage)
@@ -182,21 +197,27 @@ def worker(stage: int) -> None:
 def counting_gathers():
     """Count the engine's parameter all-gathers (DeepSpeed's comm layer; the loss's torch.distributed gather is
     not seen): calls and bytes of the gathered output, on this rank."""
-    import deepspeed.comm as ds_comm
+    import deepspeed.comm
+    import deepspeed.comm.comm
 
     counted = {"calls": 0, "bytes": 0}
-    original = ds_comm.all_gather_into_tensor
+    original = deepspeed.comm.comm.all_gather_into_tensor
 
     def counting(output_tensor, input_tensor, *args, **kwargs):
         counted["calls"] += 1
         counted["bytes"] += output_tensor.numel() * output_tensor.element_size()
         return original(output_tensor, input_tensor, *args, **kwargs)
 
-    ds_comm.all_gather_into_tensor = counting
+    # ZeRO-3 reaches it two ways: `allgather_fn` (looks the name up in deepspeed.comm.comm) and the package's
+    # re-export; each wrapper calls the original, so no call is counted twice.
+    modules = (deepspeed.comm.comm, deepspeed.comm)
+    for module in modules:
+        module.all_gather_into_tensor = counting
     try:
         yield counted
     finally:
-        ds_comm.all_gather_into_tensor = original
+        for module in modules:
+            module.all_gather_into_tensor = original
 
 
 # --------------------------------------------------------------------------- the driver

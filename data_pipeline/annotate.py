@@ -110,7 +110,7 @@ def annotate_shard(src: str, dst: str, summarizer_path: str | None, detector_pat
     """Copy shard `src` to `dst`, adding pyramid fields to each JSON. Returns samples written."""
     from PIL import Image
 
-    from data_pipeline.tar_io import iter_samples, write_shard
+    from data_pipeline.tar_io import image_extension, iter_samples, write_shard
 
     summarize, detect = load_summarizer(summarizer_path), load_detector(detector_path)
 
@@ -121,9 +121,9 @@ def annotate_shard(src: str, dst: str, summarizer_path: str | None, detector_pat
             if "summary" not in meta and caption.strip():
                 meta["summary"] = summarize(caption)
             if detect is not None:
-                image_bytes = next((raw.fields[e] for e in ("jpg", "jpeg", "png", "webp") if e in raw.fields), None)
-                if image_bytes is not None:
-                    found = detect(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+                image_ext = image_extension(raw.fields)
+                if image_ext is not None:
+                    found = detect(Image.open(io.BytesIO(raw.fields[image_ext])).convert("RGB"))
                     meta["objects"] = [{"label": d["label"], "attributes": list(d.get("attributes", []))} for d in found]
                     meta["boxes"] = [list(map(float, d["box"])) for d in found if "box" in d]
             meta.setdefault("objects", [])

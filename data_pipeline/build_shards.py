@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline.tar_io import iter_samples, write_shard
+from data_pipeline.tar_io import IMAGE_EXTENSIONS, image_extension, iter_samples, write_shard
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 STATS_DIR = "_stats"
 
 
@@ -86,7 +85,7 @@ def records_from_img2dataset(folder: str) -> list[Record]:
         return records
     for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
         stem, ext = os.path.splitext(path)
-        if ext.lower() not in IMAGE_EXTENSIONS:
+        if ext.lower().lstrip(".") not in IMAGE_EXTENSIONS:
             continue
         caption = open(stem + ".txt", encoding="utf-8").read() if os.path.exists(stem + ".txt") else ""
         meta = json.load(open(stem + ".json")) if os.path.exists(stem + ".json") else {}
@@ -110,10 +109,10 @@ def load_record(record: Record) -> tuple[bytes | None, str, str, dict]:
         return data, record.image_ext, record.caption, record.meta
     path, offset = record.tar
     raw = next(iter_samples(path, offset))
-    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in raw.fields), "")
+    ext = image_extension(raw.fields)
     meta = json.loads(raw.fields["json"]) if raw.fields.get("json") else {}
     caption = raw.fields.get("txt", b"").decode("utf-8", "replace")
-    return raw.fields.get(ext), f".{ext}" if ext else "", caption, {**meta, **record.meta}
+    return (raw.fields[ext], f".{ext}", caption, {**meta, **record.meta}) if ext else (None, "", caption, meta)
 
 
 def build_shard(index: int, records: list[Record], out: str, prefix: str) -> dict:

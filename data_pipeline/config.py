@@ -28,6 +28,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held (undecoded) for shuffling in each worker; 0 or 1 = no shuffle
     workers: int = 2  # DataLoader worker processes per rank; 0 = decode in the training process
     prefetch_factor: int = 2  # batches prefetched per worker
+    pin_memory: bool = False  # page-locked batches for faster, asynchronous host-to-GPU copies (GPU runs)
 
     # Views and regions (SPEC §2.1).
     global_scale: tuple[float, float] = (0.9, 1.0)  # random-resized-crop area range of the global view

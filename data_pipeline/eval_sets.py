@@ -98,6 +98,8 @@ def build_eval_set(cfg: EvalSetConfig, data: DataConfig, tokenizer: Tokenizer, *
         classnames, templates = [], []
     if cfg.classnames:
         classnames, templates = load_zeroshot_meta(cfg.classnames)
+    if isinstance(dataset, ImageFolder) and len(classnames) != len(dataset.folders):
+        raise ValueError(f"{cfg.kind}: {len(classnames)} class names for {len(dataset.folders)} class folders")
     shard = torch.utils.data.Subset(dataset, spread(len(dataset), cfg.max_samples)[rank::world_size])
     collate = _CaptionCollate(tokenizer) if isinstance(dataset, KarpathyCaptions) else _label_collate
     loader = DataLoader(shard, batch_size=batch_size, num_workers=data.workers, collate_fn=collate)

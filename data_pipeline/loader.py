@@ -21,16 +21,24 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig
-from data_pipeline.reader import ReaderLimits, StreamReader, StreamState
+from data_pipeline.reader import ReaderLimits, StreamReader, StreamState, logger
 from data_pipeline.sources import ShardSchedule, check_local_shards, expand_shards, load_sources
 from data_pipeline.tar_io import ShardReadError, iter_samples
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.transforms import SampleTransform, SkipSample, ViewConfig, collate
 
 STATE_VERSION = 1
+
+
+def _private_generator(seed: int) -> torch.Generator:
+    """DataLoader draws its workers' base seed from the *global* torch RNG each time it is iterated, unless
+    given a generator: a resumed run would then start its epoch's loader at a different point of the training
+    RNG (dropout) than the uninterrupted run did. Our workers seed their own augmentations anyway."""
+    return torch.Generator().manual_seed(seed)
 
 
 class _TrainStreams(IterableDataset):
@@ -69,8 +77,10 @@ class _TrainStreams(IterableDataset):
 class TrainLoader:
     """Iterable of batch dicts with `state_dict()` / `load_state_dict()` for exact resume."""
 
-    def __init__(self, streams: _TrainStreams, *, workers: int, prefetch_factor: int, batches_per_epoch: int | None):
+    def __init__(self, streams: _TrainStreams, *, workers: int, prefetch_factor: int, pin_memory: bool,
+                 batches_per_epoch: int | None):
         self.streams, self.workers, self.prefetch_factor = streams, workers, prefetch_factor
+        self.pin_memory = pin_memory
         # Virtual epoch length from train_num_samples: in epoch mode each `for` stops after it (equal on every
         # rank); in resampled mode iteration never stops and this is only for the trainer's bookkeeping.
         self.batches_per_epoch = batches_per_epoch
@@ -100,7 +110,8 @@ class TrainLoader:
             items = iter(self.streams)
         else:
             items = iter(DataLoader(self.streams, batch_size=None, num_workers=self.workers,
-                                    prefetch_factor=self.prefetch_factor, persistent_workers=False))
+                                    prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
+                                    persistent_workers=False, generator=_private_generator(self.streams.seed)))
         for item in items:
             self.last_stream = item.pop("_stream")
             self.stream_states[self.last_stream] = item.pop("_state")
@@ -181,7 +192,7 @@ def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, *, image_size: int
                        local_scale=tuple(cfg.local_scale), max_regions=cfg.max_regions)
     streams = _TrainStreams(cfg, tokenizer, views, batch_size=batch_size, rank=rank, world_size=world_size,
                             seed=seed, quotas=quotas)
-    return TrainLoader(streams, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor,
+    return TrainLoader(streams, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor, pin_memory=cfg.pin_memory,
                        batches_per_epoch=batches_per_epoch)
 
 
@@ -209,12 +220,15 @@ class _EvalSamples(IterableDataset):
                         continue
                     try:
                         pending.append(self.transform(raw))
-                    except SkipSample:
+                    except Exception as error:  # SkipSample or malformed metadata: skip the sample, say so
+                        reason = error.reason if isinstance(error, SkipSample) else "bad_sample"
+                        logger.warning("eval data: skipped (%s) in %s: sample %s: %s", reason, url, raw.key, error)
                         continue
                     if len(pending) == self.batch_size:
                         yield collate(pending, self.tokenizer)
                         pending = []
-            except ShardReadError:
+            except ShardReadError as error:
+                logger.warning("eval data: skipped (%s): %s", error.reason, error)
                 continue
         if pending:
             yield collate(pending, self.tokenizer)
@@ -229,7 +243,7 @@ def build_eval_loader(cfg: DataConfig, tokenizer: Tokenizer, *, image_size: int,
     check_local_shards(urls, "eval")
     views = ViewConfig(image_size=image_size, pyramid=False, train=False)
     dataset = _EvalSamples(urls, tokenizer, views, batch_size, rank, world_size, cfg.workers)
-    return DataLoader(dataset, batch_size=None, num_workers=cfg.workers)
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.workers, generator=_private_generator(0))
 
 
 def load_classnames(cfg: DataConfig) -> tuple[list[str], list[str]]:

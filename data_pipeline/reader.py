@@ -157,6 +157,9 @@ class StreamReader:
         except SkipSample as skip:
             self._count_skip(source, url, skip.reason, f"sample {raw.key}: {skip}")
             return None
+        except Exception as error:  # malformed metadata etc.: still the data's fault, still only one sample
+            self._count_skip(source, url, "bad_sample", f"sample {raw.key}: {type(error).__name__}: {error}")
+            return None
         self._count_seen(source)
         pending.append(sample)
         if len(pending) < self.batch_size:

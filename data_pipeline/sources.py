@@ -17,15 +17,12 @@ import numpy as np
 from webdataset.shardlists import expand_urls
 
 from data_pipeline.config import SourceConfig
+from data_pipeline.tar_io import is_local
 
 
 def expand_shards(spec: str) -> list[str]:
     """"a/{000..009}.tar::b/x.tar" -> the list of shard urls (brace expansion, "::"-joined lists)."""
     return [url for part in spec.split("::") if part.strip() for url in expand_urls(part.strip())]
-
-
-def is_local(url: str) -> bool:
-    return not url.startswith("pipe:") and "://" not in url
 
 
 MAX_SHARDS_CHECKED = 10_000

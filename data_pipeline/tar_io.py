@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import webdataset as wds
 
 BLOCK = tarfile.BLOCKSIZE
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # sample members that hold the image, in preference order
 
 
 @dataclass
@@ -30,6 +31,11 @@ class RawSample:
     fields: dict[str, bytes]
     offset: int  # byte offset of the sample's first tar header within the shard
     end: int  # byte offset just past its last member (= the next sample's offset)
+
+
+def image_extension(fields: dict[str, bytes]) -> str | None:
+    """The extension of the sample member holding a non-empty image, if any."""
+    return next((ext for ext in IMAGE_EXTENSIONS if fields.get(ext)), None)
 
 
 class ShardReadError(RuntimeError):
@@ -48,9 +54,14 @@ def split_key(member_name: str) -> tuple[str, str]:
     return (os.path.join(folder, stem) if folder else stem), ext.lower()
 
 
+def is_local(url: str) -> bool:
+    """A plain file path (seekable), as opposed to a `pipe:` command or a URL."""
+    return not url.startswith("pipe:") and "://" not in url
+
+
 def _open(url: str, offset: int) -> tuple[io.IOBase, int]:
     """Open `url` positioned at `offset`; returns (stream, position reached by seeking)."""
-    if not url.startswith("pipe:") and "://" not in url:
+    if is_local(url):
         f = open(url, "rb")
         f.seek(offset)
         return f, offset
@@ -165,15 +176,21 @@ def iter_samples(url: str, offset: int = 0) -> Iterator[RawSample]:
 
 
 def fetch_samples(url: str, offsets: Iterable[int]) -> dict[int, RawSample]:
-    """Re-read the samples starting at the given offsets of one shard (used to refill a shuffle buffer)."""
+    """Re-read the samples starting at the given offsets of one shard (used to refill a shuffle buffer):
+    one seek per sample for a local file, one streaming pass from the first offset for a `pipe:`/URL."""
     wanted = sorted(set(offsets))
+    if not wanted:
+        return {}
+    if is_local(url):
+        found = {o: next(iter_samples(url, o), None) for o in wanted}
+        return {o: sample for o, sample in found.items() if sample is not None}
     found: dict[int, RawSample] = {}
-    for offset in wanted:
-        if offset in found:
-            continue
-        for sample in iter_samples(url, offset):
+    targets = set(wanted)
+    for sample in iter_samples(url, wanted[0]):
+        if sample.offset in targets:
             found[sample.offset] = sample
-            break  # one sample per seek; the next wanted offset may be far ahead
+            if len(found) == len(targets):
+                break
     return found
 
 

@@ -22,12 +22,11 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from data_pipeline.annotate import objects_text
-from data_pipeline.tar_io import RawSample
+from data_pipeline.tar_io import IMAGE_EXTENSIONS, RawSample, image_extension
 from data_pipeline.tokenizer import Tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "caption")
 REGION_FEATURES_EXTENSION = "regions.npy"  # optional float [n, 2052]: detector feature (2048) + box (4)
 REGION_FEATURE_DIM = 2052
@@ -52,10 +51,12 @@ class ViewConfig:
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
+    """Encoded JPEG/PNG/WEBP/GIF bytes -> uint8 [3, H, W] (16-bit PNGs are scaled down to 8 bits)."""
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision raises RuntimeError/ValueError variants per codec
         raise SkipSample("corrupt_image", str(e)[:200]) from e
+    return image if image.dtype == torch.uint8 else v2.functional.to_dtype(image, torch.uint8, scale=True)
 
 
 class SampleTransform:
@@ -76,13 +77,13 @@ class SampleTransform:
                                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
 
     def __call__(self, raw: RawSample) -> dict:
-        image_bytes = next((raw.fields[e] for e in IMAGE_EXTENSIONS if raw.fields.get(e)), None)
-        if image_bytes is None:
+        image_ext = image_extension(raw.fields)
+        if image_ext is None:
             raise SkipSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member")
         caption = next((raw.fields[e] for e in CAPTION_EXTENSIONS if e in raw.fields), b"").decode("utf-8", "replace").strip()
         if not caption:
             raise SkipSample("missing_caption", "empty or absent txt")
-        image = decode_rgb(image_bytes)
+        image = decode_rgb(raw.fields[image_ext])
         sample: dict = {"key": raw.key, "text": caption}
         meta = self._meta(raw) if (self.views.pyramid or not self.views.train) else {}
         if not self.views.train:

@@ -1,4 +1,5 @@
-"""Hierarchy-aware attention: (C ⊙ softmax(QKᵀ/√d)) V (`multiply`, the paper) or softmax(QKᵀ/√d + log C) V (`bias`).
+"""Hierarchy-aware attention: (C ⊙ softmax(QKᵀ/√d)) V (`multiply`, the paper), or softmax(QKᵀ/√d + log C) V
+(`bias`, renormalised).
 
 Three implementations of one function, chosen by `HierConfig.attn_impl`:
 - reference: materialises C from products of links and the per-head probabilities; the ground truth.

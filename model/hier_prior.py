@@ -184,7 +184,8 @@ class _NeighbourScorer(nn.Module):
         """(a, b) with a_u·b_v = q_u·k_v, where t = LN(x), q = W_Q t + b_Q and k = W_K t.
 
         With more tokens than channels, associativity saves one of the two token-sized GEMMs:
-        q_u·k_v = (t_u W_Qᵀ W_K + b_Q W_K)·t_v, and the d×d product W_Qᵀ W_K costs less than a [tokens, d]×[d, d] GEMM.
+        q_u·k_v = (t_u W_Qᵀ W_K + b_Q W_K)·t_v, and the d×d product W_Qᵀ W_K costs less than a
+        [tokens, d]×[d, d] GEMM.
         """
         t = self.ln(x)
         dtype = torch.promote_types(x.dtype, torch.float32)  # links and tables are never half precision

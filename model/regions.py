@@ -19,6 +19,8 @@ FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 
 
 class RegionTokens(nn.Module):
+    """The region level's input to the top blocks: a region CLS, then one token per region slot."""
+
     def __init__(self, source: str, width: int, grid_size: int, feature_dim: int):
         super().__init__()
         if source not in ("boxes", "features"):

@@ -1,4 +1,5 @@
-"""Induce hierarchies with a trained HiCLIP model (SPEC §1.3): constituency trees for captions, patch groups for images.
+"""Induce hierarchies with a trained HiCLIP model (SPEC §1.3): constituency trees for captions, patch groups
+for images.
 
     python -m recipes.induce --model runs/demo/model --captions "a dog on a red couch" "two apples" \
         --images photo.jpg --out runs/demo/induced [--text-threshold 0.8] [--image-thresholds 0.35,0.5,...]

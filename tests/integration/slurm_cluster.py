@@ -135,7 +135,7 @@ class LocalSlurm:
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",
             "SchedulerType=sched/backfill",
-            "SchedulerParameters=bf_interval=1",
+            "SchedulerParameters=bf_interval=1,sched_interval=1",  # a test cluster: schedule within a second
             "MinJobAge=600",
             "KillWait=10",
             f"StateSaveLocation={f / 'state'}",
@@ -166,6 +166,11 @@ class LocalSlurm:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
         out = self.run(["scontrol", "show", "job", job_id, "--oneliner"]).stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+    def release_requeued(self, job_id: str) -> None:
+        """SLURM holds a requeued job for a fixed ~2 minutes (EligibleTime = requeue + 121 s); on a test cluster
+        with nothing else to run, make it eligible now."""
+        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def stop(self) -> None:
         """End the daemons this cluster started, by their pid files' PIDs (never by name)."""

@@ -90,3 +90,27 @@ def test_resume_rejects_a_different_layout(shards, tokenizer):
                                rank=0, world_size=2, seed=0, pyramid=False)
     with pytest.raises(ValueError, match="workers"):
         other.load_state_dict(state)
+
+
+def test_resume_reproduces_the_augmentations_too(shards, tokenizer):
+    """Not only the keys: the crops (global, local, boxes) after a resume equal the uninterrupted run's."""
+    torch.set_num_threads(1)
+    cfg = DataConfig(train_shards=shards, workers=WORKERS, shuffle_buffer=5)
+
+    def build():
+        return build_train_loader(cfg, tokenizer, image_size=16, batch_size=BATCH, rank=1, world_size=WORLD, seed=9,
+                                  pyramid=True)
+
+    def run(loader, n):
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    uninterrupted = run(build(), 7)
+    first = build()
+    run(first, 3)
+    resumed = build()
+    resumed.load_state_dict(pickle.loads(pickle.dumps(first.state_dict())))
+    for expected, got in zip(uninterrupted[3:], run(resumed, 4)):
+        assert expected["key"] == got["key"]
+        for field in ("image", "image_local", "boxes", "boxes_mask", "text", "summary", "objects"):
+            assert torch.equal(expected[field], got[field]), field

@@ -58,6 +58,13 @@ def test_preempted_job_checkpoints_requeues_and_finishes(tmp_path, synthetic_sha
         wait_for(lambda: len(logged_steps(log_dir)) >= 2, "the first training steps", timeout=180)
         cluster.run(["scancel", "--signal=USR1", job_id])  # what --signal=USR1@120 sends before the time limit
 
+        def requeued():
+            job = cluster.job(job_id)
+            return job["Restarts"] == "1" and job["JobState"] == "PENDING"
+
+        wait_for(requeued, "the job to requeue itself", timeout=120, poll=0.5)
+        cluster.release_requeued(job_id)
+
         def finished():
             job = cluster.job(job_id)
             return job if job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
@@ -72,7 +79,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(tmp_path, synthetic_sha
     preempt_tags = [t for t in tags if t != f"step_{STEPS}"]
     assert len(preempt_tags) == 1, tags  # the one collective preemption save, plus the final one
     preempted_at = int(preempt_tags[0].split("_")[1])
-    assert 2 <= preempted_at < STEPS
+    assert 2 <= preempted_at < STEPS and preempted_at % 10 == 0  # checkpoint.preempt_check_every=10
     assert f"resumed from {log_dir / 'ckpt'}/step_{preempted_at} at step {preempted_at}" in out
     assert logged_steps(log_dir) == list(range(1, STEPS + 1))  # same final step count, no step twice
 

@@ -158,3 +158,37 @@ def test_virtual_epoch_length(shards, tokenizer):
                                 pyramid=False)
     assert len(loader) == 3
     assert [len(list(loader)) for _ in range(3)] == [3, 3, 3] and loader.epoch == 3
+
+
+def test_malformed_samples_are_skipped_not_fatal(tmp_path, tokenizer):
+    samples = []
+    for i, raw in enumerate(iter_samples(make_shards(str(tmp_path / "src"), 1, 6, image_size=24)[0])):
+        fields = dict(raw.fields)
+        if i == 1:
+            fields["json"] = b'{"boxes": "not a list of boxes"}'  # breaks box parsing: bad_sample
+        if i == 2:
+            fields["json"] = b"{truncated"  # not JSON: corrupt_json
+        if i == 3:
+            del fields["jpg"]  # no image member: missing_image
+        samples.append({"__key__": raw.key, **fields})
+    write_shard(str(tmp_path / "mixed.tar"), samples)
+    loader = loader_for(str(tmp_path / "mixed.tar"), tokenizer, pyramid=True, batch_size=1, resampled=False)
+    keys = [k for batch in loader for k in batch["key"]]
+    assert sorted(keys) == ["s000_0000", "s000_0004", "s000_0005"]
+    assert loader.skip_counts() == {"bad_sample": 1, "corrupt_json": 1, "missing_image": 1}
+    assert loader.samples_seen() == {"train": 6}
+
+
+def test_worker_loaders_leave_the_training_rng_alone(shards, tokenizer):
+    """DataLoader would draw its workers' base seed from the global RNG at every `iter()`: a resumed run
+    (RNG restored from the checkpoint, then a fresh loader iterator) would see different dropout."""
+    folder, spec = shards
+    cfg = DataConfig(train_shards=spec, eval_shards=spec, workers=1, shuffle_buffer=2)
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    loader = build_train_loader(cfg, tokenizer, image_size=16, batch_size=2, rank=0, world_size=1, seed=0,
+                                pyramid=False)
+    next(iter(loader))
+    next(iter(build_eval_loader(cfg, tokenizer, image_size=16, batch_size=2)))
+    assert torch.equal(torch.rand(4), expected)

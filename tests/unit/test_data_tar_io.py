@@ -68,3 +68,10 @@ def test_write_shard_is_reproducible(tmp_path):
     write_shard(str(tmp_path / "b.tar"), samples)
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
     assert [s.fields["txt"] for s in iter_samples(str(tmp_path / "a.tar"))] == [b"caption 0", b"caption 1", b"caption 2"]
+
+
+def test_fetch_from_a_pipe_in_one_pass(shard):
+    samples = list(iter_samples(shard))
+    offsets = [samples[4].offset, samples[2].offset]
+    fetched = fetch_samples(f"pipe:cat {shard}", offsets)
+    assert {o: s.key for o, s in fetched.items()} == {samples[4].offset: "s000_0004", samples[2].offset: "s000_0002"}

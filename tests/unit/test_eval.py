@@ -154,3 +154,32 @@ def test_spread_keeps_sorted_classes_balanced():
     assert len(idx) == 10 and idx[0] == 0 and idx[-1] == 999
     assert [i // 100 for i in idx] == list(range(10))
     assert spread(5, 0) == [0, 1, 2, 3, 4]
+
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    from model.pretrained import save_pretrained
+
+    folder = tmp_path_factory.mktemp("model")
+    cfg = PRESETS["tiny"]
+    save_pretrained(folder, CLIP(cfg).state_dict(), cfg)
+    Tokenizer(cfg.text.context_length).save(str(folder))
+    return str(folder)
+
+
+def test_cli_evaluates_a_consolidated_folder_and_writes_json(model_folder, tmp_path, capsys):
+    from recipes.evaluate import main
+
+    main(["--model", model_folder, "--set", "animal_mnist", "--max-samples", "40", "--workers", "0",
+          "--device", "cpu", "--json", str(tmp_path / "eval.json")])
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["samples"] == 40 and results["classes"] == 10
+    assert "zero-shot top-1" in capsys.readouterr().out
+
+
+def test_cli_missing_root_is_a_one_line_error(model_folder, tmp_path):
+    from recipes.evaluate import main
+
+    with pytest.raises(SystemExit, match="root folder not found"):
+        main(["--model", model_folder, "--set", "imagenet", "--root", str(tmp_path / "nope"), "--device", "cpu"])

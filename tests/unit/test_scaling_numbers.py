@@ -1,0 +1,96 @@
+"""The scale-out model (bench/scaling_model.py) and docs/scaling.md, which quotes it."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from bench.scaling_model import (Collective, Fabric, Inputs, ModelNumbers, chunk_size, model_numbers, step_model,
+                                 tables)
+from model.clip import CLIP
+from model.flops import count_flops
+from recipes.config import load_config
+from tests.conftest import ROOT
+
+INPUTS = Inputs()
+FABRIC_A, FABRIC_B = INPUTS.fabrics
+
+
+@pytest.fixture(scope="module")
+def numbers() -> ModelNumbers:
+    return model_numbers(INPUTS)
+
+
+def test_doc_tables_are_the_scripts_output(numbers):
+    """Every table row the script prints appears verbatim in the doc: editing one without the other fails."""
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    text, _ = tables(INPUTS, numbers)
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(rows) > 20
+    missing = [row for row in rows if row not in doc]
+    assert not missing, f"docs/scaling.md is out of date with bench/scaling_model.py; first stale row:\n{missing[0]}"
+
+
+def test_model_numbers_come_from_the_recipes_model(numbers):
+    cfg = load_config(INPUTS.recipe)
+    with torch.device("meta"):
+        model = CLIP(cfg.model)
+    assert numbers.params == sum(p.numel() for p in model.parameters())
+    assert numbers.params_gathered == sum(p.numel() for p in model.parameters() if p.numel() > 100_000)
+    assert numbers.forward_flops == count_flops(cfg.model, pyramid=True).forward
+    assert cfg.model.vision.attention == "hier" and numbers.prior_flops > 0 and numbers.prior_params > 0
+    assert numbers.vanilla_forward_flops == numbers.forward_flops - numbers.prior_flops
+    assert numbers.levels == 6
+
+
+def test_ring_collective_cost():
+    c = Collective(size_bytes=8e9, ranks=4, calls=10, bus_gbs=100.0, step_latency_s=2e-6)
+    assert c.bandwidth_seconds(efficiency=0.5) == pytest.approx(3 / 4 * 8e9 / (0.5 * 100e9))
+    assert c.latency_seconds() == pytest.approx(10 * 3 * 2e-6)
+
+
+def test_chunk_is_the_largest_power_of_two_within_the_budget(numbers):
+    chunk = chunk_size(INPUTS, numbers)
+    budget = INPUTS.activation_budget * INPUTS.hbm_gb * 1e9
+    assert chunk * numbers.activation_bytes <= budget < 2 * chunk * numbers.activation_bytes
+    assert chunk == 2 ** round(math.log2(chunk))
+
+
+def test_passes_compute_and_cache(numbers):
+    rows = {w: step_model(INPUTS, numbers, w, FABRIC_A) for w in INPUTS.worlds}
+    for r in rows.values():
+        assert r["chunks"] == math.ceil(r["per_gpu_batch"] / r["chunk"])
+        assert r["passes"] == (3 * r["chunks"] if r["chunks"] > 1 else 2)
+    assert rows[64]["chunks"] > 1 and rows[1024]["chunks"] == 1
+    # Compute halves with the GPUs when the forwards per sample stay the same (no cache at 512 and 1,024) ...
+    assert rows[512]["compute_s"] == pytest.approx(2 * rows[1024]["compute_s"])
+    # ... and the cache's replayed forward is a third more per sample where it is on.
+    per_sample = {w: r["compute_s"] / r["per_gpu_batch"] for w, r in rows.items()}
+    assert per_sample[64] == pytest.approx(4 / 3 * per_sample[1024])
+
+
+def test_thinner_fabric_only_slows_communication(numbers):
+    a, b = step_model(INPUTS, numbers, 256, FABRIC_A), step_model(INPUTS, numbers, 256, FABRIC_B)
+    assert a["compute_s"] == b["compute_s"]
+    assert b["z3_bw_s"] == pytest.approx(a["z3_bw_s"] * FABRIC_A.nic_gbs_per_node / FABRIC_B.nic_gbs_per_node)
+    assert a["z3_lat_s"] == b["z3_lat_s"]
+
+
+def test_hpz_changes_nothing_inside_one_node(numbers):
+    """With every rank in one node the secondary shard is the whole group: hpZ must cost what ZeRO-3 costs."""
+    one_node = dataclasses.replace(INPUTS, worlds=(8,), global_batch=8 * 128)
+    r = step_model(one_node, numbers, 8, Fabric("any", 50.0))
+    assert r["nodes"] == 1
+    assert r["hpz_bw_s"] == pytest.approx(r["z3_bw_s"])
+    assert r["hpz_lat_s"] == pytest.approx(r["z3_lat_s"])
+
+
+def test_zero3_is_latency_bound_at_scale_and_zero2_is_not_before(numbers):
+    """The doc's conclusion, from the model: ZeRO-3 crosses over before ZeRO-2 on both fabrics."""
+    _, summary = tables(INPUTS, numbers)
+    for fabric in ("ib8", "ib1"):
+        assert summary[f"{fabric}_z3_comm_bound_from"] < summary[f"{fabric}_z2_comm_bound_from"]
+        eff_z3, eff_z2 = summary[f"{fabric}_z3_efficiency"], summary[f"{fabric}_z2_efficiency"]
+        assert all(eff_z2[w] >= eff_z3[w] - 0.02 for w in INPUTS.worlds)
