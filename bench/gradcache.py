@@ -4,7 +4,8 @@ Measures one full training step (forward, CLIP loss over the batch, backward, op
 DeepSpeed engine, ZeRO-3, fp32, one rank on CPU, at global batches 256, 1024 and 4096: the plain step
 (recipes/step.py) and the gradient-cached step (recipes/grad_cache.py, fixed chunk size), side by side. A last
 row runs the cache at the largest batch with `reduction: boundary` (one gradient reduction per chunk) to show
-what `engine.coalesce_grad_reduction()` (one reduction per step) costs in memory.
+what `engine.coalesce_grad_reduction()` (one reduction per step) costs in memory; for that comparison each
+reduction mode also runs alone on 2 ranks (torchrun, gloo), comparing rank 0's lifetime peak RSS.
 
 Method. Each batch size runs in a fresh Python process with `MALLOC_MMAP_THRESHOLD_=65536`, so freed tensors
 leave the resident set at once. The engine is built and every mode takes one warm-up step at the chunk size;
@@ -39,6 +40,14 @@ def _status_mib(field: str) -> float:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
 
 
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def _batch(n: int, cfg, gen) -> dict:
     import torch
 
@@ -50,7 +59,8 @@ def _batch(n: int, cfg, gen) -> dict:
 
 def _run_size(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> dict:
     """In the child process: one engine, every mode warmed up at the chunk size, then `reps` rounds that run
-    one step per mode at batch n in turn (rounds alternate, so a load change on the machine hits all modes)."""
+    one step per mode at batch n in turn (rounds alternate, so a load change on the machine hits all modes).
+    Also returns the process's lifetime peak RSS: with one mode, what a rank needs for that training mode."""
     import torch
 
     from model.clip import CLIP
@@ -60,11 +70,12 @@ def _run_size(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> 
     from recipes.step import train_step
 
     torch.set_num_threads(threads)
-    cfg = load_config(None, MODEL + [f"train.batch_size={n}", "train.precision=fp32", "train.warmup_steps=1",
-                                     "loss.kind=clip"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load_config(None, MODEL + [f"train.batch_size={n // world}", "train.precision=fp32",
+                                     "train.warmup_steps=1", "loss.kind=clip"])
     caches = {"plain": None, "cached": GradCacheConfig(chunk, "coalesce"),
               "cached-boundary": GradCacheConfig(chunk, "boundary")}
-    init_distributed()
+    rank = init_distributed().rank
     torch.manual_seed(0)
     ds = deepspeed_config(cfg)
     with model_init_context(ds):
@@ -74,26 +85,32 @@ def _run_size(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> 
     for mode in modes:  # warm-up: kernels, allocator, optimizer state, ZeRO-3 trace
         train_step(engine, _batch(chunk, cfg, gen), cfg.loss, caches[mode])
 
-    batch = _batch(n, cfg, gen)
+    batch = _batch(n // world, cfg, gen)
+    lifetime_peak = _status_mib("VmHWM")  # model, engine, warm-up: everything up to here
     memory: dict[str, float] = {mode: 0.0 for mode in modes}
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(reps):
         for mode in modes:
+            lifetime_peak = max(lifetime_peak, _status_mib("VmHWM"))
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
             before = _status_mib("VmRSS")
             start = time.perf_counter()
             train_step(engine, batch, cfg.loss, caches[mode])
             times[mode].append(time.perf_counter() - start)
             memory[mode] = max(memory[mode], _status_mib("VmHWM") - before)
+    lifetime_peak = max(lifetime_peak, _status_mib("VmHWM"))
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    return {mode: {"mem_mib": memory[mode], "time_s": min(times[mode]), "params": params} for mode in modes}
+    return rank, {mode: {"mem_mib": memory[mode], "time_s": min(times[mode]), "params": params,
+                         "process_peak_mib": lifetime_peak} for mode in modes}
 
 
-def _child(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> dict:
+def _child(n: int, modes: list[str], chunk: int, threads: int, reps: int, ranks: int = 1) -> dict:
+    """Run one batch size in fresh processes (`ranks` of them under torchrun); rank 0's measurements."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads),
            "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, __file__, "--child", str(n), ",".join(modes), "--chunk", str(chunk),
-           "--threads", str(threads), "--reps", str(reps)]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", _free_port()]
+    cmd = [sys.executable, *(launcher if ranks > 1 else []), __file__, "--child", str(n), ",".join(modes),
+           "--chunk", str(chunk), "--threads", str(threads), "--reps", str(reps)]
     out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"batch {n} failed:\n{out.stderr[-4000:]}")
@@ -110,7 +127,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         modes = args.child[1].split(",")
-        print(json.dumps(_run_size(int(args.child[0]), modes, args.chunk, args.threads, args.reps)))
+        rank, result = _run_size(int(args.child[0]), modes, args.chunk, args.threads, args.reps)
+        if rank == 0:
+            print(json.dumps(result))
         return
 
     print(f"| global batch | step | step memory (MiB) | step time (s) |  (ZeRO-3, fp32, 1 rank, CPU, chunk "
@@ -123,7 +142,13 @@ def main() -> None:
             results[n, mode] = r
             print(f"| {n} | {mode} | {r['mem_mib']:.0f} | {r['time_s']:.2f} |", flush=True)
 
+    # What coalescing costs under ZeRO-3: 2 ranks (with one, the partition is the whole model), one run per
+    # reduction mode, compared by rank 0's lifetime peak RSS (what a rank needs).
     small, large = min(args.sizes), max(args.sizes)
+    peak = {mode: _child(small, [mode], args.chunk, args.threads, 1, ranks=2)[mode]["process_peak_mib"]
+            for mode in ("cached", "cached-boundary")}
+    print(f"2 ranks, global batch {small}, rank 0 process peak RSS: coalesce {peak['cached']:.0f} MiB, "
+          f"boundary {peak['cached-boundary']:.0f} MiB")
     model_mib = results[large, "cached"]["params"] * 4 / 2**20
     print(f"model: {results[large, 'cached']['params'] / 1e6:.1f} M parameters = {model_mib:.0f} MiB of fp32 gradients")
     mem = {key: r["mem_mib"] for key, r in results.items()}
@@ -134,7 +159,7 @@ def main() -> None:
         "time_overhead_cached": round(results[large, "cached"]["time_s"] / results[large, "plain"]["time_s"], 3),
         f"mem_{large}_cached_mib": round(mem[large, "cached"], 1),
         f"mem_{large}_plain_mib": round(mem[large, "plain"], 1),
-        "coalesce_extra_mib": round(mem[large, "cached"] - mem[large, "cached-boundary"], 1),
+        "coalesce_extra_mib": round(peak["cached"] - peak["cached-boundary"], 1),
         "model_grad_mib": round(model_mib, 1),
         "chunk": args.chunk,
     }))

@@ -5,7 +5,9 @@
 ViT-B/16 HiCLIP × PyramidCLIP (the recipe's model) at a fixed global batch on 64–1,024 H100s: FLOPs per sample
 (model/flops.py), parameter count (the model built on the meta device), and per step the bytes each collective
 moves and the time it takes on the stated links, against the compute time at a stated fraction of peak.
-Nothing here is measured; `Inputs` holds every assumption. Prints the doc's tables; last line one JSON object.
+Nothing here is measured; `Inputs` holds every assumption, and ZeRO-3's gather pattern (passes per step, calls
+per pass) follows what bench/zero_memory.py counted with ds_configs/zero3.json as shipped. Prints the doc's
+tables; last line one JSON object.
 
 Cost of a collective (ring algorithm, the one NCCL uses for all-gather and reduce-scatter), S = the full
 gathered (or reduced) buffer, p ranks, B = the bus bandwidth of the slowest link the rings cross:
@@ -57,6 +59,7 @@ class Inputs:
     bytes_grad: int = 2  # bf16 gradients are what it reduce-scatters (bench/zero_memory.py: 2 B/param)
     bytes_embedding: int = 2  # the towers' bf16 embeddings are what the loss gathers
     reduce_bucket: int = 50_000_000  # ds_configs/zero{2,3}.json reduce_bucket_size (elements)
+    prefetch_bucket: int = 50_000_000  # ds_configs/zero3.json stage3_prefetch_bucket_size (elements)
     allgather_bucket: int = 50_000_000  # ds_configs/zero2.json allgather_bucket_size (elements)
     persistence_threshold: int = 100_000  # ds_configs/zero3.json stage3_param_persistence_threshold
 
@@ -164,19 +167,26 @@ def step_model(inputs: Inputs, m: ModelNumbers, world: int, fabric: Fabric) -> d
     forwards = 3 + (1 if cached else 0)
     compute_s = per_gpu * m.forward_flops * forwards / (inputs.mfu * inputs.peak_tflops * 1e12)
 
-    # ZeRO-3: every forward gathers the partitioned parameters and so does every backward (each module's are
-    # released after use); with the cache that is per chunk: no-grad forward, replayed forward, backward.
-    # Prefetch issues about one gather per parameterised module.
-    passes = 3 * chunks if cached else 2
+    # ZeRO-3 as ds_configs/zero3.json runs it (bench/zero_memory.py counts the gathers). Without the cache the
+    # module trace is stable and stage3_max_reuse_distance (1e9 elements) exceeds the model: one forward gathers
+    # everything in ⌈P / prefetch bucket⌉ calls and the backward gathers nothing. With the cache the no-grad
+    # forwards break the trace: each module's parameters are released after use and gathered again, in a no-grad
+    # forward, a replayed forward and a backward per chunk, at most one call per module.
+    if cached:
+        passes, calls_per_pass = 3 * chunks, m.gather_modules
+    else:
+        passes, calls_per_pass = 1, math.ceil(m.params_gathered / inputs.prefetch_bucket)
     param_bytes = m.params_gathered * inputs.bytes_param
     grad_bytes = m.params * inputs.bytes_grad
     reduce = across_all(grad_bytes, math.ceil(m.params / inputs.reduce_bucket))  # once per step (coalesced)
-    zero3 = [across_all(passes * param_bytes, passes * m.gather_modules), reduce]
-    # ZeRO++ hpZ (zero_hpz_partition_size = GPUs per node): a step's first gather crosses nodes and leaves a
+    # The step's first gather call has nothing to hide behind; prefetch overlaps the rest with compute.
+    first_call = across_all(param_bytes / calls_per_pass, 1)
+    rest_of_first_pass = across_all(param_bytes - first_call.size_bytes, calls_per_pass - 1)
+    zero3 = [across_all((passes - 1) * param_bytes, (passes - 1) * calls_per_pass), rest_of_first_pass, reduce]
+    # ZeRO++ hpZ (zero_hpz_partition_size = GPUs per node): a step's first pass crosses nodes and leaves a
     # node-local secondary shard; every later gather of that step stays inside the node, over NVLink.
-    hpz = [across_all(param_bytes, m.gather_modules),
-           Collective((passes - 1) * param_bytes, g, (passes - 1) * m.gather_modules, inputs.nvlink_gbs, node_alpha),
-           reduce]
+    hpz = [Collective((passes - 1) * param_bytes, g, (passes - 1) * calls_per_pass, inputs.nvlink_gbs, node_alpha),
+           rest_of_first_pass, reduce]
     # ZeRO-2: the same reduce-scatter, then one all-gather of the updated bf16 parameters after the step.
     zero2_gather = across_all(m.params * inputs.bytes_param, math.ceil(m.params / inputs.allgather_bucket))
     # The loss: all-gather of every level's embeddings and of their masks, reduce-scatter of their gradients.
@@ -190,8 +200,9 @@ def step_model(inputs: Inputs, m: ModelNumbers, world: int, fabric: Fabric) -> d
     loss_s = total(loss)
     # Overlap: ZeRO-3's gathers (prefetch) and every gradient reduce-scatter (overlap_comm) run beside compute;
     # ZeRO-2's parameter all-gather after the optimizer step and the loss's collectives sit on the critical path.
-    z3_step = max(compute_s, total(zero3)) + loss_s
-    hpz_step = max(compute_s, total(hpz)) + loss_s
+    z3_step = total([first_call]) + max(compute_s, total(zero3)) + loss_s
+    hpz_step = total([first_call]) + max(compute_s, total(hpz)) + loss_s
+    zero3, hpz = [first_call, *zero3], [first_call, *hpz]  # all of it, for the totals below
     z2_step = max(compute_s, total([reduce])) + total([zero2_gather]) + loss_s
     # ZeRO-2 with buckets that hold the whole model: one reduce-scatter and one all-gather call per step.
     one_call = lambda c: Collective(c.size_bytes, c.ranks, 1, c.bus_gbs, c.step_latency_s)  # noqa: E731
@@ -199,10 +210,12 @@ def step_model(inputs: Inputs, m: ModelNumbers, world: int, fabric: Fabric) -> d
     # The ring-step latency at which each strategy's communication would just equal the compute it hides behind.
     calls_x_steps = lambda cs: sum(c.calls * (c.ranks - 1) for c in cs)  # noqa: E731
     z3_alpha_even_us = max(0.0, compute_s - bw(zero3)) / calls_x_steps(zero3) * 1e6
-    z2_alpha_even_us = max(0.0, compute_s - bw([reduce, zero2_gather])) / calls_x_steps([reduce, zero2_gather]) * 1e6
+    zero2 = [reduce, zero2_gather]
+    z2_alpha_even_us = max(0.0, compute_s - bw(zero2)) / calls_x_steps(zero2) * 1e6
     return {
-        "world": world, "nodes": nodes, "z3_alpha_even_us": z3_alpha_even_us, "z2_alpha_even_us": z2_alpha_even_us, "per_gpu_batch": per_gpu, "chunk": chunk, "chunks": chunks,
-        "cached": cached, "compute_s": compute_s, "passes": passes,
+        "world": world, "nodes": nodes, "per_gpu_batch": per_gpu, "chunk": chunk, "chunks": chunks,
+        "z3_alpha_even_us": z3_alpha_even_us, "z2_alpha_even_us": z2_alpha_even_us,
+        "cached": cached, "compute_s": compute_s, "passes": passes, "calls_per_pass": calls_per_pass,
         "param_gb_per_gpu": (world - 1) / world * passes * param_bytes / GB,
         "z3_bw_s": bw(zero3), "z3_lat_s": lat(zero3), "hpz_bw_s": bw(hpz), "hpz_lat_s": lat(hpz),
         "z2_bw_s": bw([reduce, zero2_gather]), "z2_lat_s": lat([reduce, zero2_gather]),
@@ -249,12 +262,13 @@ def tables(inputs: Inputs, m: ModelNumbers) -> tuple[str, dict]:
         rows = [step_model(inputs, m, world, fabric) for world in inputs.worlds]
         add("")
         add(f"### {fabric.name}: bus {min(inputs.nvlink_gbs, fabric.nic_gbs_per_node):.0f} GB/s across nodes")
-        add("| GPUs | batch/GPU | chunks | compute | ZeRO-3 passes | ZeRO-3 comm bw + lat | ZeRO-3+hpZ bw + lat | "
+        add("| GPUs | batch/GPU | chunks | compute | ZeRO-3 passes × calls | ZeRO-3 comm bw + lat | ZeRO-3+hpZ bw + lat | "
             "ZeRO-2 bw + lat | loss bw + lat | comm/compute Z3 / hpZ / Z2 | step Z3 / hpZ / Z2 | "
             "break-even α Z3 / Z2 (µs) |")
         add("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            add(f"| {r['world']} | {r['per_gpu_batch']} | {r['chunks']} | {ms(r['compute_s'])} | {r['passes']} | "
+            add(f"| {r['world']} | {r['per_gpu_batch']} | {r['chunks']} | {ms(r['compute_s'])} | "
+                f"{r['passes']} × {r['calls_per_pass']} | "
                 f"{ms(r['z3_bw_s'])} + {ms(r['z3_lat_s'])} | {ms(r['hpz_bw_s'])} + {ms(r['hpz_lat_s'])} | "
                 f"{ms(r['z2_bw_s'])} + {ms(r['z2_lat_s'])} | {ms(r['loss_bw_s'])} + {ms(r['loss_lat_s'])} | "
                 f"{r['z3_comm_over_compute']:.2f} / {r['hpz_comm_over_compute']:.2f} / "

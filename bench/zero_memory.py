@@ -20,6 +20,10 @@ Each storage is counted once, for the first category in the order above that rea
 the bytes its tensors cover; the rest of that storage is `buffers` (under ZeRO-2 a rank's gradient partition
 lives inside the reduction bucket). "model states" = params + grads + master + optimizer.
 
+Under ZeRO-3 it also counts the engine's parameter all-gathers (calls, bytes) in step 2's forward and backward,
+and, on a fresh engine trained with the gradient cache from its first step (recipes/grad_cache.py, 2 chunks),
+in its third step: docs/scaling.md uses both patterns.
+
 Against: DeepSpeed's estimator (`estimate_zero{2,3}_model_states_mem_needs`, the numbers its `_all_live` /
 `_all_cold` printers show, via recipes/dry_run.py; no offload, its per-GPU column) and the ideal: the
 measured 1-rank bytes split into what ZeRO shards (÷N) and what it keeps whole on every rank, the latter
@@ -193,6 +197,40 @@ def worker(stage: int) -> None:
                           "gathered_forward": forward_gathers, "gathered_backward": backward_gathers}))
 
 
+def cached_gathers_worker(steps: int = 3) -> None:
+    """ZeRO-3 with the gradient cache on from the first step, as a run with `grad_cache.chunk_size` > 0 trains:
+    rank 0 prints the parameter all-gathers of the last of `steps` cached steps (2 chunks of 1 sample each).
+    The first cached step records DeepSpeed's module trace and gathers more; later ones repeat one pattern."""
+    import torch
+
+    from model.clip import CLIP
+    from model.losses import compute_loss
+    from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
+    from recipes.grad_cache import GradCacheConfig, cached_backward
+    from recipes.step import split_levels
+
+    torch.set_num_threads(1)
+    cfg = _config(3)
+    info = init_distributed()
+    torch.manual_seed(0)
+    ds = deepspeed_config(cfg)
+    with model_init_context(ds):
+        model = CLIP(cfg.model)
+    engine = build_engine(model, cfg, ds)
+    gen = torch.Generator().manual_seed(info.rank)
+
+    def loss_fn(out):
+        return compute_loss(cfg.loss, *split_levels(out), out["logit_scale"], gather=True)
+
+    for _ in range(steps):
+        with counting_gathers() as counted:
+            cached_backward(engine, _batch(cfg, cfg.train.batch_size, gen), loss_fn, GradCacheConfig(chunk_size=1))
+        engine.step()
+    if info.is_main:
+        print(json.dumps({"world": info.world_size, "params": sum(p.ds_numel for p in model.parameters()),
+                          "gathered_cached_step": counted}))
+
+
 @contextmanager
 def counting_gathers():
     """Count the engine's parameter all-gathers (DeepSpeed's comm layer; the loss's torch.distributed gather is
@@ -221,9 +259,9 @@ def counting_gathers():
 
 
 # --------------------------------------------------------------------------- the driver
-def run_case(stage: int, world: int) -> dict:
+def run_case(stage: int, world: int, worker_flag: str = "--worker") -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
-           "127.0.0.1", "--master_port", _free_port(), __file__, "--worker", str(stage)]
+           "127.0.0.1", "--master_port", _free_port(), __file__, worker_flag, str(stage)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
@@ -242,14 +280,31 @@ def model_states(rank: dict) -> int:
     return sum(rank[c] for c in MODEL_STATES)
 
 
+def gather_report(r: dict, summary: dict) -> str:
+    """ZeRO-3's parameter all-gathers in multiples of the bf16 model: one line, and their keys in `summary`."""
+    model_bytes = 2 * r["params"]
+    parts = []
+    for name, label in (("forward", "the forward"), ("backward", "the backward"),
+                        ("cached_step", "a step with the gradient cache on (2 chunks)")):
+        counted = r[f"gathered_{name}"]
+        summary[f"zero3_{r['world']}_{name}_gathered_x_model"] = round(counted["bytes"] / model_bytes, 3)
+        summary[f"zero3_{r['world']}_{name}_gather_calls"] = counted["calls"]
+        parts.append(f"{label} {counted['bytes'] / model_bytes:.2f}× in {counted['calls']} calls")
+    return f"ZeRO-3, {r['world']} ranks, parameters gathered (× the bf16 model): " + "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--cached-gathers-worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         worker(args.worker)
+        return
+    if args.cached_gathers_worker is not None:
+        cached_gathers_worker()
         return
     if 1 not in args.worlds:
         parser.error("--worlds must include 1: every ratio is against one rank")
@@ -274,13 +329,8 @@ def main() -> None:
                   + f" | {measured / mib:.1f} | {ratio:.3f} | {ideal:.3f} | {r['estimate'] / mib:.1f} | "
                   f"{worst['buffers'] / mib:.1f} |", flush=True)
             if stage == 3 and world > 1:
-                model_bytes = 2 * r["params"]  # bf16
-                fwd, bwd = r["gathered_forward"], r["gathered_backward"]
-                gathers.append(f"ZeRO-3, {world} ranks: the forward gathered {fwd['bytes'] / model_bytes:.2f}× the bf16 "
-                               f"model in {fwd['calls']} calls, the backward {bwd['bytes'] / model_bytes:.2f}× in "
-                               f"{bwd['calls']} calls")
-                summary[f"zero3_{world}_forward_gathered_x_model"] = round(fwd["bytes"] / model_bytes, 3)
-                summary[f"zero3_{world}_backward_gathered_x_model"] = round(bwd["bytes"] / model_bytes, 3)
+                r.update(run_case(3, world, "--cached-gathers-worker"))
+                gathers.append(gather_report(r, summary))
             if world > 1:
                 summary[f"zero{stage}_{world}_vs_1"] = round(ratio, 4)
                 summary[f"zero{stage}_ideal_{world}"] = round(ideal, 4)

@@ -14,7 +14,7 @@ keys are masked, and a padded query attends only to itself (C_ii = 1; its output
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -56,9 +56,11 @@ def exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
 # The prior as seen by the attention: O(N) tables, plus the links for the reference path.
 
 
-@dataclass
-class ConstituentPrior:
+class ConstituentPrior(NamedTuple):
     """One layer's constituent prior C for a batch, and the attention that applies it.
+
+    A NamedTuple, not a dataclass: ZeRO-3 hooks the tensors a module returns (tuples, lists, dicts, named
+    tuples) to re-gather its parameters before their backward; tensors inside other objects go unseen.
 
     kind 'tree': `beta` [B, N]. kind 'group': `row_cost`, `col_cost` [B, H, W] (cumulative along the row and
     along the column), `has_cls` (token 0 is outside the grid, C = 1 to and from it). `links` is the layer's

@@ -91,8 +91,8 @@ def embed_eval_set(model, batches: Iterable[dict], device) -> dict[str, torch.Te
                 for k in keys}
 
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("image", "text", "label", "index", "owner")}
-    for batch, real in tqdm(lockstep(batches, standin, device), desc="eval", leave=False,
-                            disable=dist.is_initialized() and dist.get_rank() > 0):
+    quiet = True if dist.is_initialized() and dist.get_rank() > 0 else None  # None: off when not a terminal
+    for batch, real in tqdm(lockstep(batches, standin, device), desc="eval", leave=False, disable=quiet):
         image = model.encode_image(batch["image"].to(device, dtype)).float() if "image" in batch else None
         text = model.encode_text(batch["text"].to(device)).float() if "text" in batch else None
         if not real:

@@ -12,10 +12,11 @@ from recipes.engine import build_engine, deepspeed_config, init_distributed, mod
 from recipes.step import train_step
 
 
-def main(out_dir: str, ds_config: str) -> None:
+def main(out_dir: str, ds_config: str, attention: str) -> None:
     cfg = load_config("recipes/configs/demo.yaml", [f"train.ds_config={ds_config}", "train.batch_size=4",
                                                    "model.vision.layers=2", "model.text.layers=2",
-                                                   "model.vision.region_split=-1"])
+                                                   "model.vision.region_split=-1",
+                                                   f"model.vision.attention={attention}", f"model.text.attention={attention}"])
     info = init_distributed()
     torch.manual_seed(0)
     ds = deepspeed_config(cfg)
@@ -39,4 +40,4 @@ def main(out_dir: str, ds_config: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -97,7 +97,7 @@ class LocalSlurm:
         subprocess.run([_sbin("slurmctld"), "-f", str(self.conf)], env=self.env, check=True, timeout=60)
         self._wait(lambda: self.run(["scontrol", "ping"], check=False).stdout.count("UP") > 0, "slurmctld")
         subprocess.run([_sbin("slurmd"), "-f", str(self.conf)], env=self.env, check=True, timeout=60)
-        self._wait(self._node_idle, "slurmd (node idle)")
+        self._wait(self.node_idle, "slurmd (node idle)")
 
     def _start_munge(self) -> None:
         self.munge_dir.mkdir(exist_ok=True)
@@ -149,9 +149,14 @@ class LocalSlurm:
             "",
         ])
 
-    def _node_idle(self) -> bool:
+    def node_idle(self) -> bool:
         out = self.run(["scontrol", "show", "node", self.host], check=False).stdout
-        return "State=IDLE" in out
+        return "State=IDLE " in out or out.rstrip().endswith("State=IDLE")
+
+    def logs(self, tail: int = 3000) -> str:
+        """The daemons' log tails, for failure messages."""
+        return "".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}\n"
+                       for p in sorted(self.folder.rglob("*.log")) if p.is_file())
 
     def _wait(self, ready, what: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -159,8 +164,7 @@ class LocalSlurm:
             if ready():
                 return
             time.sleep(0.3)
-        logs = "".join(p.read_text()[-1500:] for p in self.folder.rglob("*.log") if p.is_file())
-        raise RuntimeError(f"{what} did not come up within {timeout:.0f} s; logs:\n{logs}")
+        raise RuntimeError(f"{what} did not come up within {timeout:.0f} s; logs:\n{self.logs(1500)}")
 
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""

@@ -10,9 +10,10 @@ from tests.integration.launch import torchrun
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_consolidated_equals_live(tmp_path, stage):
-    torchrun(2, ["tests/integration/live_params_worker.py", str(tmp_path), f"ds_configs/{stage}.json"])
+# hier under ZeRO-3 also proves the prior's parameters are re-gathered for backward (they once were not).
+@pytest.mark.parametrize("stage,attention", [("zero2", "vanilla"), ("zero3", "vanilla"), ("zero3", "hier")])
+def test_consolidated_equals_live(tmp_path, stage, attention):
+    torchrun(2, ["tests/integration/live_params_worker.py", str(tmp_path), f"ds_configs/{stage}.json", attention])
     live = torch.load(tmp_path / "live.pt")
     folder = consolidate(str(tmp_path / "ckpt"), str(tmp_path / "model"))
     model, _ = load_pretrained(folder)

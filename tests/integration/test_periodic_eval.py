@@ -38,7 +38,11 @@ def write_labelled_eval_shard(folder, n: int) -> str:
     return str(folder / "eval-0000.tar")
 
 
-def test_periodic_eval_under_zero3_matches_offline_eval(tmp_path, synthetic_shards):
+@pytest.mark.parametrize("method", [
+    [],  # CLIP
+    ["loss.kind=pyramid"],  # training runs the region branch and extra views; eval must still agree
+], ids=["clip", "pyramid"])
+def test_periodic_eval_under_zero3_matches_offline_eval(tmp_path, synthetic_shards, method):
     shards = synthetic_shards(n_shards=2, per_shard=16)
     eval_spec = write_labelled_eval_shard(tmp_path / "eval", EVAL_SAMPLES)
     sets = "[{kind: shards}, {kind: animal_mnist, max_samples: 21}]"
@@ -48,7 +52,7 @@ def test_periodic_eval_under_zero3_matches_offline_eval(tmp_path, synthetic_shar
                  "model.text.layers=2", "model.vision.layers=4", "train.ds_config=ds_configs/zero3.json",
                  f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every_steps=4", f"logging.dir={tmp_path}",
                  "logging.every_steps=1", "logging.progress=false", "eval.every_steps=2", "eval.batch_size=2",
-                 f"eval.sets={sets}"])
+                 f"eval.sets={sets}", *method])
 
     records = read_metrics(tmp_path)
     train = [r for r in records if "loss" in r]

@@ -63,15 +63,16 @@ def test_preempted_job_checkpoints_requeues_and_finishes(tmp_path, synthetic_sha
             return job["Restarts"] == "1" and job["JobState"] == "PENDING"
 
         wait_for(requeued, "the job to requeue itself", timeout=120, poll=0.5)
+        wait_for(cluster.node_idle, "the node to finish cleaning up the first run", timeout=60, poll=0.5)
         cluster.release_requeued(job_id)
 
         def finished():
             job = cluster.job(job_id)
-            return job if job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
+            return job if job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
 
         job = wait_for(finished, "the requeued job to finish", timeout=300, poll=1.0)
-    out = job_out.read_text()
-    assert job["JobState"] == "COMPLETED", out[-4000:]
+        out = job_out.read_text()
+        assert job["JobState"] == "COMPLETED", f"{job}\n{out[-4000:]}\n{cluster.logs()}"
     assert job["Restarts"] == "1", job  # requeued exactly once
     assert "preempted after a checkpoint: requeueing" in out
 

@@ -66,7 +66,7 @@ def worker(argv: list[str]) -> None:
     info = init_distributed()
     cfg = load_config("recipes/configs/demo.yaml", [
         f"train.batch_size={GLOBAL_BATCH // info.world_size}", f"train.steps={args.steps}", "train.warmup_steps=2",
-        "model.dropout=0.0", "model.vision.layers=2", "model.text.layers=2", "model.vision.region_split=-1",
+        "model.dropout=0.0", "model.vision.layers=1", "model.text.layers=1", "model.vision.region_split=-1",
         "model.vision.image_size=32", "model.vision.patch_size=8"])
     plan = None
     if args.resume_dir:

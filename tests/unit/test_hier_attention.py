@@ -11,7 +11,7 @@ import torch
 
 from model.clip import CLIP
 from model.config import PRESETS, HierConfig
-from model.hier_attention import hier_attention, reference_attention, sdpa_attention
+from model.hier_attention import hier_attention, reference_attention, resolve_impl, sdpa_attention
 from model.hier_prior import GroupPrior, TreePrior
 from model.losses import LossConfig, compute_loss
 
@@ -168,7 +168,10 @@ def test_auto_picks_sdpa_on_cpu_and_logs_it_once(caplog):
     assert picks == [picks[0]] and "sdpa" in picks[0]
     torch.testing.assert_close(out, sdpa_attention(q, k, v, prior, causal=True))
     with pytest.raises(ValueError, match="attn_impl"):
-        hier_attention(q, k, v, dataclasses.replace(prior, impl="fast"), causal=True)
+        hier_attention(q, k, v, prior._replace(impl="fast"), causal=True)
+    # Attention dropout: SDPA implements it for bias; multiply falls back to the reference.
+    assert resolve_impl("auto", "bias", q, 0.1) == "sdpa" and resolve_impl("auto", "multiply", q, 0.1) == "reference"
+    assert resolve_impl("reference", "multiply", q, 0.0) == "reference"
 
 
 def hier_tiny():

@@ -62,7 +62,8 @@ def test_passes_compute_and_cache(numbers):
     rows = {w: step_model(INPUTS, numbers, w, FABRIC_A) for w in INPUTS.worlds}
     for r in rows.values():
         assert r["chunks"] == math.ceil(r["per_gpu_batch"] / r["chunk"])
-        assert r["passes"] == (3 * r["chunks"] if r["chunks"] > 1 else 2)
+        # bench/zero_memory.py measured one gather pass without the cache; the cache releases and re-gathers.
+        assert r["passes"] == (3 * r["chunks"] if r["chunks"] > 1 else 1)
     assert rows[64]["chunks"] > 1 and rows[1024]["chunks"] == 1
     # Compute halves with the GPUs when the forwards per sample stay the same (no cache at 512 and 1,024) ...
     assert rows[512]["compute_s"] == pytest.approx(2 * rows[1024]["compute_s"])
@@ -80,17 +81,21 @@ def test_thinner_fabric_only_slows_communication(numbers):
 
 def test_hpz_changes_nothing_inside_one_node(numbers):
     """With every rank in one node the secondary shard is the whole group: hpZ must cost what ZeRO-3 costs."""
-    one_node = dataclasses.replace(INPUTS, worlds=(8,), global_batch=8 * 128)
+    one_node = dataclasses.replace(INPUTS, worlds=(8,), global_batch=8 * 512)
     r = step_model(one_node, numbers, 8, Fabric("any", 50.0))
-    assert r["nodes"] == 1
+    assert r["nodes"] == 1 and r["passes"] > 1
     assert r["hpz_bw_s"] == pytest.approx(r["z3_bw_s"])
     assert r["hpz_lat_s"] == pytest.approx(r["z3_lat_s"])
 
 
-def test_zero3_is_latency_bound_at_scale_and_zero2_is_not_before(numbers):
-    """The doc's conclusion, from the model: ZeRO-3 crosses over before ZeRO-2 on both fabrics."""
+def test_the_docs_conclusions_follow_from_the_model(numbers):
+    """ZeRO-3 with the cache crosses over before ZeRO-2; without it the two pay the same 8 calls per step."""
     _, summary = tables(INPUTS, numbers)
-    for fabric in ("ib8", "ib1"):
-        assert summary[f"{fabric}_z3_comm_bound_from"] < summary[f"{fabric}_z2_comm_bound_from"]
-        eff_z3, eff_z2 = summary[f"{fabric}_z3_efficiency"], summary[f"{fabric}_z2_efficiency"]
-        assert all(eff_z2[w] >= eff_z3[w] - 0.02 for w in INPUTS.worlds)
+    for fabric_key, fabric in zip(("ib8", "ib1"), INPUTS.fabrics):
+        assert summary[f"{fabric_key}_z3_comm_bound_from"] < summary[f"{fabric_key}_z2_comm_bound_from"]
+        for world in INPUTS.worlds:
+            r = step_model(INPUTS, numbers, world, fabric)
+            if r["cached"]:
+                assert r["z3_comm_over_compute"] > 10 * r["z2_comm_over_compute"]
+            else:
+                assert r["z3_lat_s"] == pytest.approx(r["z2_lat_s"])  # 4 gather + 4 reduce-scatter calls each
