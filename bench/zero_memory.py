@@ -8,14 +8,14 @@ one optimizer step (so Adam's moments exist), then runs a second forward + backw
 still live and before that step, each rank MEASURES the bytes it holds:
     params     the module's parameter storage: `p.data` (full under ZeRO-2; ZeRO-3 keeps only the persistent
                small parameters whole) and ZeRO-3's partitioned `p.ds_tensor`s (their flat group buffer)
-    grads      gradient partitions: ZeRO-2 `averaged_gradients` / `grads_in_partition`, ZeRO-3
-               `grad_partitions_flat_buffer`, and any `.grad` of an fp32 partition
+    grads      gradient partitions: ZeRO-2 `averaged_gradients` / `grads_in_partition` (after a backward, views
+               into its reduction bucket), ZeRO-3 `grad_partitions_flat_buffer`, any `.grad` of an fp32 partition
     master     the optimizer's fp32 partitions (ZeRO-2 `single_partition_of_fp32_groups`, ZeRO-3
                `fp32_partitioned_groups_flat`)
     optimizer  the inner optimizer's state of those partitions (AdamW exp_avg, exp_avg_sq)
-    buffers    the gradient reduction buckets (`ipg_buckets`, both stages, and the parameters' `.grad`s, which
-               ZeRO-2 leaves as views into its bucket), sized by `reduce_bucket_size`, not by the model:
-               reported, but not model state
+    buffers    the gradient reduction buckets (`ipg_buckets`, both stages, and any parameter `.grad` still
+               attached, a view into one), sized by `reduce_bucket_size`, not by the model: reported, but not
+               model state
 Each storage is counted once, for the first category in the order above that reaches it, which is charged
 the bytes its tensors cover; the rest of that storage is `buffers` (under ZeRO-2 a rank's gradient partition
 lives inside the reduction bucket). "model states" = params + grads + master + optimizer.
@@ -259,14 +259,16 @@ def counting_gathers():
 
 
 # --------------------------------------------------------------------------- the driver
-def run_case(stage: int, world: int, worker_flag: str = "--worker") -> dict:
+def run_case(world: int, worker_args: list[str]) -> dict:
+    """torchrun this file on `world` ranks with `worker_args`; rank 0's JSON line."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
-           "127.0.0.1", "--master_port", _free_port(), __file__, worker_flag, str(stage)]
+           "127.0.0.1", "--master_port", _free_port(), __file__, *worker_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"ZeRO-{stage} on {world} rank(s) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{' '.join(worker_args)} on {world} rank(s) failed:\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
@@ -298,12 +300,12 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--cached-gathers-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--cached-gathers-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         worker(args.worker)
         return
-    if args.cached_gathers_worker is not None:
+    if args.cached_gathers_worker:
         cached_gathers_worker()
         return
     if 1 not in args.worlds:
@@ -318,7 +320,7 @@ def main() -> None:
     for stage in args.stages:
         base = None
         for world in sorted(args.worlds):
-            r = run_case(stage, world)
+            r = run_case(world, ["--worker", str(stage)])
             worst = max(r["ranks"], key=model_states)
             measured = model_states(worst)
             base = base if base is not None else (measured, r["unsharded"])
@@ -329,7 +331,7 @@ def main() -> None:
                   + f" | {measured / mib:.1f} | {ratio:.3f} | {ideal:.3f} | {r['estimate'] / mib:.1f} | "
                   f"{worst['buffers'] / mib:.1f} |", flush=True)
             if stage == 3 and world > 1:
-                r.update(run_case(3, world, "--cached-gathers-worker"))
+                r.update(run_case(world, ["--cached-gathers-worker"]))
                 gathers.append(gather_report(r, summary))
             if world > 1:
                 summary[f"zero{stage}_{world}_vs_1"] = round(ratio, 4)

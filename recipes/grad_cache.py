@@ -63,11 +63,11 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
         torch.cuda.set_rng_state(device)
 
 
-def cached_backward(engine, batch: dict, loss_fn: LossFn, cfg: GradCacheConfig) -> tuple[Tensor, dict, Tensor]:
+def cached_backward(engine, batch: dict, loss_fn: LossFn, cfg: GradCacheConfig) -> tuple[Tensor, dict]:
     """Accumulate ∂(global loss)/∂θ in the engine chunk by chunk; the caller runs `engine.step()`.
 
     loss_fn maps model outputs (embeddings by level, masks, `logit_scale`) to (this rank's loss, metrics), as
-    the plain step does. Returns (detached loss, metrics, logit scale).
+    the plain step does. Returns (detached loss, metrics).
     """
     chunks = split_batch(batch, cfg.chunk_size)
 
@@ -107,7 +107,7 @@ def cached_backward(engine, batch: dict, loss_fn: LossFn, cfg: GradCacheConfig) 
                 engine.set_gradient_accumulation_boundary(j == len(chunks) - 1)
             engine.backward(surrogate)
             start += size
-    return loss.detach(), metrics, leaves["logit_scale"].detach()
+    return loss.detach(), metrics
 
 
 def _single_reduction(engine, reduction: str):

@@ -4,11 +4,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.losses import LossConfig, compute_loss
+from model.losses import IMAGE_LEVELS, TEXT_LEVELS, LossConfig, compute_loss
 from recipes.grad_cache import GradCacheConfig, cached_backward
-
-IMAGE_LEVELS = ("global", "local", "region")
-TEXT_LEVELS = ("caption", "summary", "objects")
 
 
 def split_levels(out: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
@@ -27,7 +24,7 @@ def train_step(engine, batch: dict, loss_cfg: LossConfig,
         return compute_loss(loss_cfg, image, text, masks, out["logit_scale"], gather=True)
 
     if grad_cache is not None and grad_cache.chunk_size > 0:  # chunked, gradient-cached (recipes/grad_cache.py)
-        loss, metrics, logit_scale = cached_backward(engine, batch, loss_fn, grad_cache)
+        _, metrics = cached_backward(engine, batch, loss_fn, grad_cache)
     else:
         out = engine(batch)
         loss, metrics = loss_fn(out)

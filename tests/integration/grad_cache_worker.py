@@ -108,7 +108,7 @@ def run_case(case: dict, info) -> dict:
     # The negative control: without the RNG replay the chunks' dropout masks differ between the two passes.
     no_replay = mock.patch.object(grad_cache, "_set_rng_state", lambda state: None)
     with nullcontext() if case["replay_rng"] else no_replay, count_reductions(reductions):
-        loss, metrics, _ = cached_backward(engine, batch, loss_fn, GradCacheConfig(CHUNK, case["reduction"]))
+        loss, metrics = cached_backward(engine, batch, loss_fn, GradCacheConfig(CHUNK, case["reduction"]))
     got = full_grads(engine)
     engine.step()
 

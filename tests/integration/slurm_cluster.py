@@ -123,7 +123,9 @@ class LocalSlurm:
             f"SlurmdPort={_free_port()}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire also sets how long a requeued job waits before it may start (default 120 s + 1): the
+            # slurmd refuses the job id until its revoked credential expired.
+            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
@@ -170,11 +172,6 @@ class LocalSlurm:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
         out = self.run(["scontrol", "show", "job", job_id, "--oneliner"]).stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
-
-    def release_requeued(self, job_id: str) -> None:
-        """SLURM holds a requeued job for a fixed ~2 minutes (EligibleTime = requeue + 121 s); on a test cluster
-        with nothing else to run, make it eligible now."""
-        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def stop(self) -> None:
         """End the daemons this cluster started, by their pid files' PIDs (never by name)."""

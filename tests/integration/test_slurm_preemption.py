@@ -63,8 +63,6 @@ def test_preempted_job_checkpoints_requeues_and_finishes(tmp_path, synthetic_sha
             return job["Restarts"] == "1" and job["JobState"] == "PENDING"
 
         wait_for(requeued, "the job to requeue itself", timeout=120, poll=0.5)
-        wait_for(cluster.node_idle, "the node to finish cleaning up the first run", timeout=60, poll=0.5)
-        cluster.release_requeued(job_id)
 
         def finished():
             job = cluster.job(job_id)
