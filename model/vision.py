@@ -43,7 +43,8 @@ class VisionTower(nn.Module):
 
     def tokens(self, image: Tensor) -> Tensor:
         """[B, 3, S, S] -> [B, 1 + G*G, width]: CLS first, patches in row-major grid order."""
-        x = self.patch_embed(image).flatten(2).transpose(1, 2)
+        # Inputs arrive in fp32 whatever the training precision; the weights set the compute dtype.
+        x = self.patch_embed(image.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
         return self.ln_pre(x)

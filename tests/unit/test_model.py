@@ -60,3 +60,10 @@ def test_pretrained_folder_round_trip(tmp_path, max_shard_bytes):
 def test_load_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a consolidated model folder"):
         load_pretrained(tmp_path)
+
+
+def test_bf16_weights_take_fp32_inputs():
+    # DeepSpeed's bf16 mode casts the module, not the batch: the towers must accept fp32 images.
+    model = CLIP(PRESETS["tiny"]).to(torch.bfloat16)
+    out = model({"image": torch.randn(2, 3, 64, 64), "text": tokens([5, 9])})
+    assert out["global"].dtype == torch.bfloat16 and torch.isfinite(out["global"].float()).all()
