@@ -34,19 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_checkpoint(out: str, preset: str, stage: int) -> None:
     import torch
 
-    from model.clip import CLIP
     from recipes import checkpointing
     from recipes.config import load_config, to_dict
-    from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
+    from recipes.engine import build_engine, deepspeed_config, init_distributed
     from recipes.step import train_step
 
     cfg = load_config("recipes/configs/demo.yaml", [f"model.preset={preset}", "model.vision.region_split=-1",
                                                    f"train.ds_config=ds_configs/zero{stage}.json", "train.batch_size=2"])
     init_distributed()
     ds = deepspeed_config(cfg)
-    with model_init_context(ds):
-        model = CLIP(cfg.model)
-    engine = build_engine(model, cfg, ds)
+    engine = build_engine(cfg, ds)
     size = cfg.model.vision.image_size
     tokens = torch.zeros(2, 77, dtype=torch.long)
     tokens[:, 0], tokens[:, 1] = 49406, 49407

@@ -63,9 +63,8 @@ def _run_size(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> 
     Also returns the process's lifetime peak RSS: with one mode, what a rank needs for that training mode."""
     import torch
 
-    from model.clip import CLIP
     from recipes.config import load_config
-    from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
+    from recipes.engine import build_engine, deepspeed_config, init_distributed
     from recipes.grad_cache import GradCacheConfig
     from recipes.step import train_step
 
@@ -78,9 +77,7 @@ def _run_size(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> 
     rank = init_distributed().rank
     torch.manual_seed(0)
     ds = deepspeed_config(cfg)
-    with model_init_context(ds):
-        model = CLIP(cfg.model)
-    engine = build_engine(model, cfg, ds)
+    engine = build_engine(cfg, ds)
     gen = torch.Generator().manual_seed(0)
     for mode in modes:  # warm-up: kernels, allocator, optimizer state, ZeRO-3 trace
         train_step(engine, _batch(chunk, cfg, gen), cfg.loss, caches[mode])
@@ -99,7 +96,7 @@ def _run_size(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> 
             times[mode].append(time.perf_counter() - start)
             memory[mode] = max(memory[mode], _status_mib("VmHWM") - before)
     lifetime_peak = max(lifetime_peak, _status_mib("VmHWM"))
-    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     return rank, {mode: {"mem_mib": memory[mode], "time_s": min(times[mode]), "params": params,
                          "process_peak_mib": lifetime_peak} for mode in modes}
 

@@ -46,9 +46,8 @@ def batch_tensors(batch: int, pyramid: bool, generator: torch.Generator) -> dict
 
 
 def ours(attention: str, loss: str, batch: int):
-    from model.clip import CLIP
     from recipes.config import load_config
-    from recipes.engine import build_engine, deepspeed_config, model_init_context
+    from recipes.engine import build_engine, deepspeed_config
     from recipes.step import train_step
 
     z = SIZE
@@ -63,9 +62,7 @@ def ours(attention: str, loss: str, batch: int):
     ])
     torch.manual_seed(0)
     ds = deepspeed_config(cfg)
-    with model_init_context(ds):
-        model = CLIP(cfg.model)
-    engine = build_engine(model, cfg, ds)
+    engine = build_engine(cfg, ds)
     data = batch_tensors(batch, loss == "pyramid", torch.Generator().manual_seed(0))
     return lambda: train_step(engine, data, cfg.loss, cfg.grad_cache)
 

@@ -161,7 +161,7 @@ def worker(stage: int) -> None:
     from model.clip import CLIP
     from model.losses import compute_loss
     from recipes.dry_run import GIB, count_params, model_state_gib
-    from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
+    from recipes.engine import build_engine, deepspeed_config, init_distributed
     from recipes.step import split_levels, train_step
 
     torch.set_num_threads(1)
@@ -169,9 +169,7 @@ def worker(stage: int) -> None:
     info = init_distributed()
     torch.manual_seed(0)
     ds = deepspeed_config(cfg)
-    with model_init_context(ds):
-        model = CLIP(cfg.model)
-    engine = build_engine(model, cfg, ds)
+    engine = build_engine(cfg, ds)
     gen = torch.Generator().manual_seed(info.rank)
     train_step(engine, _batch(cfg, cfg.train.batch_size, gen), cfg.loss)  # step 1 creates Adam's moments
 
@@ -193,7 +191,7 @@ def worker(stage: int) -> None:
         estimate = model_state_gib(params, largest, info.world_size, info.world_size)[f"zero{stage}_gb"] * GIB
         print(json.dumps({"stage": stage, "world": info.world_size, "ranks": ranks, "params": params,
                           "largest_layer": largest, "estimate": int(estimate),
-                          "unsharded": unsharded_bytes(model, stage, ds),
+                          "unsharded": unsharded_bytes(engine.module, stage, ds),
                           "gathered_forward": forward_gathers, "gathered_backward": backward_gathers}))
 
 
@@ -203,9 +201,8 @@ def cached_gathers_worker(steps: int = 3) -> None:
     The first cached step records DeepSpeed's module trace and gathers more; later ones repeat one pattern."""
     import torch
 
-    from model.clip import CLIP
     from model.losses import compute_loss
-    from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
+    from recipes.engine import build_engine, deepspeed_config, init_distributed
     from recipes.grad_cache import GradCacheConfig, cached_backward
     from recipes.step import split_levels
 
@@ -214,9 +211,7 @@ def cached_gathers_worker(steps: int = 3) -> None:
     info = init_distributed()
     torch.manual_seed(0)
     ds = deepspeed_config(cfg)
-    with model_init_context(ds):
-        model = CLIP(cfg.model)
-    engine = build_engine(model, cfg, ds)
+    engine = build_engine(cfg, ds)
     gen = torch.Generator().manual_seed(info.rank)
 
     def loss_fn(out):
@@ -227,7 +222,7 @@ def cached_gathers_worker(steps: int = 3) -> None:
             cached_backward(engine, _batch(cfg, cfg.train.batch_size, gen), loss_fn, GradCacheConfig(chunk_size=1))
         engine.step()
     if info.is_main:
-        print(json.dumps({"world": info.world_size, "params": sum(p.ds_numel for p in model.parameters()),
+        print(json.dumps({"world": info.world_size, "params": sum(p.ds_numel for p in engine.module.parameters()),
                           "gathered_cached_step": counted}))
 
 

@@ -66,7 +66,7 @@ class DryRun:
             ("steps", f"{self.steps} ({self.warmup_steps} warm-up), {epochs} epochs"),
             ("total compute", f"{self.total_flops / 1e18:.1f} EFLOP; {self.hours_on_h100():.1f} h on "
                               f"{self.world_size} H100 at {ASSUMED_MFU:.0%} MFU (assumed)"),
-            (f"model states / GPU", f"ZeRO-2 {self.zero2_gb:.2f} GiB, ZeRO-3 {self.zero3_gb:.2f} GiB; with CPU "
+            ("model states / GPU", f"ZeRO-2 {self.zero2_gb:.2f} GiB, ZeRO-3 {self.zero3_gb:.2f} GiB; with CPU "
                                     f"offload {self.zero2_offload_gb:.2f} / {self.zero3_offload_gb:.2f} GiB "
                                     f"(recipe uses ZeRO-{self.zero_stage}; {self.world_size} GPUs, "
                                     f"{self.gpus_per_node} per node)"),

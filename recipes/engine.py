@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.clip import CLIP
 from recipes.config import Config, ConfigError
 
 
@@ -102,9 +103,13 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_engine(model: nn.Module, cfg: Config, ds: dict):
+def build_engine(cfg: Config, ds: dict):
+    """The model (built partitioned under ZeRO-3), AdamW with CLIP's decay groups and the warm-up + cosine
+    schedule, wrapped in a DeepSpeed engine. Seed the RNG first: it sets the initial weights."""
     import deepspeed
 
+    with model_init_context(ds):
+        model = CLIP(cfg.model)
     t = cfg.train
     optimizer = torch.optim.AdamW(
         param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,

@@ -17,11 +17,10 @@ import torch
 
 from data_pipeline.loader import build_train_loader
 from data_pipeline.tokenizer import Tokenizer
-from model.clip import CLIP
 from model.flops import count_flops
 from recipes import checkpointing, preemption, universal
 from recipes.config import Config, load_config, to_dict
-from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
+from recipes.engine import build_engine, deepspeed_config, init_distributed
 from recipes.evaluate import check_eval_sets, evaluate_live
 from recipes.logger import RunLogger
 from recipes.metrics import StepMeter, peak_tflops, skip_metrics
@@ -69,9 +68,7 @@ def train(cfg: Config) -> int:
     if resume and resume.reshard:  # another world size: load through a universal checkpoint
         universal.enable(ds)
     # --- end preemption + resume plan ---
-    with model_init_context(ds):
-        model = CLIP(cfg.model)
-    engine = build_engine(model, cfg, ds)
+    engine = build_engine(cfg, ds)
     seed_everything(cfg.train.seed + dist_info.rank)  # rank-distinct dropout / augmentation streams
 
     tokenizer = Tokenizer(cfg.model.text.context_length)

@@ -28,3 +28,13 @@ def pretrain(nproc: int, overrides: list[str], **kw) -> subprocess.CompletedProc
 
 def read_metrics(log_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_run(spec: str, run_dir: Path, *, steps: int, layers: int = 1, workers: int = 1) -> list[str]:
+    """Overrides of the demo recipe for a seconds-long run on procedural shards: 32 px images, `layers` blocks per
+    tower, batch 4 per rank, checkpoints in run_dir/ckpt and a metrics line every step in run_dir."""
+    return [f"data.train_shards={spec}", f"data.workers={workers}", "data.shuffle_buffer=8", "train.batch_size=4",
+            f"train.steps={steps}", "train.warmup_steps=2", "model.vision.image_size=32", "model.vision.patch_size=8",
+            f"model.text.layers={layers}", f"model.vision.layers={layers}", "model.vision.region_split=-1",
+            f"checkpoint.dir={Path(run_dir) / 'ckpt'}", f"logging.dir={run_dir}", "logging.every_steps=1",
+            "logging.progress=false"]

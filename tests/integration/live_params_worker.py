@@ -5,10 +5,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from model.clip import CLIP
 from recipes import checkpointing
 from recipes.config import load_config, to_dict
-from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
+from recipes.engine import build_engine, deepspeed_config, init_distributed
 from recipes.step import train_step
 
 
@@ -20,9 +19,7 @@ def main(out_dir: str, ds_config: str, attention: str) -> None:
     info = init_distributed()
     torch.manual_seed(0)
     ds = deepspeed_config(cfg)
-    with model_init_context(ds):
-        model = CLIP(cfg.model)
-    engine = build_engine(model, cfg, ds)
+    engine = build_engine(cfg, ds)
     gen = torch.Generator().manual_seed(info.rank)
     for _ in range(3):
         tokens = torch.randint(1, 49000, (4, 77), generator=gen)

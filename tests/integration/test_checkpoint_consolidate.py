@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zero3")
-    torchrun(2, ["tests/integration/live_params_worker.py", str(folder), "ds_configs/zero3.json"])
+    torchrun(2, ["tests/integration/live_params_worker.py", str(folder), "ds_configs/zero3.json", "vanilla"])
     return folder, torch.load(folder / "live.pt")
 
 

@@ -11,18 +11,14 @@ import pytest
 
 from recipes.checkpointing import KILL_DURING_SAVE_ENV, complete_tags, incomplete_reason, resolve_tag
 from tests.conftest import ROOT, free_port
+from tests.integration import launch
 from tests.integration.launch import pretrain, read_metrics
 
 pytestmark = pytest.mark.integration
 
 
-def tiny_run(tmp_path, shards, steps: int) -> list[str]:
-    spec = str(shards[0]).replace("000000", "{000000..000003}")
-    return [f"data.train_shards={spec}", "data.workers=1", "data.shuffle_buffer=8", "train.batch_size=4",
-            f"train.steps={steps}", "train.warmup_steps=2", "model.vision.image_size=32", "model.vision.patch_size=8",
-            "model.text.layers=1", "model.vision.layers=1", "model.vision.region_split=-1",
-            f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
-            f"logging.dir={tmp_path}", "logging.every_steps=1", "logging.progress=false"]
+def tiny_run(tmp_path, spec: str, steps: int) -> list[str]:
+    return launch.tiny_run(spec, tmp_path, steps=steps) + ["checkpoint.every_steps=2", "checkpoint.keep_last=2"]
 
 
 def logged(tmp_path) -> list[dict]:
@@ -31,8 +27,8 @@ def logged(tmp_path) -> list[dict]:
 
 
 def test_kill_one_rank_then_relaunch_resumes_from_last_complete(tmp_path, synthetic_shards):
-    shards = synthetic_shards(n_shards=4, per_shard=16)
-    overrides = tiny_run(tmp_path, shards, steps=1000)  # far more steps than it will live
+    spec = synthetic_shards(n_shards=4, per_shard=16)
+    overrides = tiny_run(tmp_path, spec, steps=1000)  # far more steps than it will live
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "recipes.pretrain", "--config", "recipes/configs/demo.yaml",
            *overrides]
@@ -69,8 +65,8 @@ def test_kill_one_rank_then_relaunch_resumes_from_last_complete(tmp_path, synthe
 
 
 def test_kill_during_save_keeps_previous_latest(tmp_path, synthetic_shards):
-    shards = synthetic_shards(n_shards=4, per_shard=16)
-    proc = pretrain(2, tiny_run(tmp_path, shards, steps=6), env={KILL_DURING_SAVE_ENV: "4:1"}, check=False)
+    spec = synthetic_shards(n_shards=4, per_shard=16)
+    proc = pretrain(2, tiny_run(tmp_path, spec, steps=6), env={KILL_DURING_SAVE_ENV: "4:1"}, check=False)
     assert proc.returncode != 0
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "latest").read_text() == "step_2"
@@ -83,7 +79,7 @@ def test_kill_during_save_keeps_previous_latest(tmp_path, synthetic_shards):
     json.loads((ckpt / "step_2" / "complete.json").read_text())  # the manifest is intact
 
     # A run with another model shape refuses the checkpoint, naming the field, before building anything.
-    other = pretrain(1, tiny_run(tmp_path, shards, steps=6) + ["checkpoint.resume=latest", "model.embed_dim=32"],
+    other = pretrain(1, tiny_run(tmp_path, spec, steps=6) + ["checkpoint.resume=latest", "model.embed_dim=32"],
                      check=False)
     assert other.returncode != 0
     assert "model.embed_dim" in other.stderr and "in the checkpoint" in other.stderr

@@ -46,7 +46,7 @@ def test_periodic_eval_under_zero3_matches_offline_eval(tmp_path, synthetic_shar
     shards = synthetic_shards(n_shards=2, per_shard=16)
     eval_spec = write_labelled_eval_shard(tmp_path / "eval", EVAL_SAMPLES)
     sets = "[{kind: shards}, {kind: animal_mnist, max_samples: 21}]"
-    pretrain(2, [f"data.train_shards={str(shards[0]).replace('000000', '{000000..000001}')}",
+    pretrain(2, [f"data.train_shards={shards}",
                  f"data.eval_shards={eval_spec}", "data.workers=1", "data.shuffle_buffer=8", "train.batch_size=4",
                  "train.steps=4", "train.warmup_steps=2", "model.vision.image_size=32", "model.vision.patch_size=8",
                  "model.text.layers=2", "model.vision.layers=4", "train.ds_config=ds_configs/zero3.json",

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT
+from tests.integration import launch
 from tests.integration.launch import pretrain, read_metrics
 from tests.integration.slurm_cluster import LocalSlurm, ensure_installed
 
@@ -16,13 +17,8 @@ pytestmark = pytest.mark.integration
 STEPS = 30
 
 
-def run_overrides(tmp_path, shards, name: str) -> list[str]:
-    spec = str(shards[0]).replace("000000", "{000000..000003}")
-    return [f"data.train_shards={spec}", "data.workers=1", "data.shuffle_buffer=8", "train.batch_size=4",
-            f"train.steps={STEPS}", "train.warmup_steps=2", "model.vision.image_size=32", "model.vision.patch_size=8",
-            "model.text.layers=1", "model.vision.layers=1", "model.vision.region_split=-1",
-            f"checkpoint.dir={tmp_path / name / 'ckpt'}", "checkpoint.every_steps=1000", "checkpoint.keep_last=0",
-            f"logging.dir={tmp_path / name}", "logging.every_steps=1", "logging.progress=false"]
+def run_overrides(tmp_path, spec: str, name: str) -> list[str]:
+    return launch.tiny_run(spec, tmp_path / name, steps=STEPS) + ["checkpoint.every_steps=1000", "checkpoint.keep_last=0"]
 
 
 def wait_for(condition, what: str, timeout: float, poll: float = 0.2):
@@ -44,7 +40,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(tmp_path, synthetic_sha
     reason = ensure_installed()
     if reason:
         pytest.skip(reason)
-    shards = synthetic_shards(n_shards=4, per_shard=16)
+    spec = synthetic_shards(n_shards=4, per_shard=16)
     job_out = tmp_path / "job.out"
     env = {"PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": "1"}
@@ -52,7 +48,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(tmp_path, synthetic_sha
         os.environ.update(env)  # sbatch exports the submitter's environment to the job
         submit = cluster.run(["sbatch", "--parsable", "--nodes=1", "--ntasks=2", "--cpus-per-task=1",
                               f"--chdir={ROOT}", f"--output={job_out}", "launch_scripts/slurm.sbatch",
-                              "recipes/configs/demo.yaml", *run_overrides(tmp_path, shards, "slurm")])
+                              "recipes/configs/demo.yaml", *run_overrides(tmp_path, spec, "slurm")])
         job_id = submit.stdout.strip().split(";")[0]
         log_dir = tmp_path / "slurm"
         wait_for(lambda: len(logged_steps(log_dir)) >= 2, "the first training steps", timeout=180)
@@ -83,7 +79,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(tmp_path, synthetic_sha
     assert logged_steps(log_dir) == list(range(1, STEPS + 1))  # same final step count, no step twice
 
     # The curve continues: the same run uninterrupted (torchrun) logs the same losses.
-    pretrain(2, run_overrides(tmp_path, shards, "uninterrupted"))
+    pretrain(2, run_overrides(tmp_path, spec, "uninterrupted"))
     resumed = [m["loss"] for m in read_metrics(log_dir)]
     reference = [m["loss"] for m in read_metrics(tmp_path / "uninterrupted")]
     assert resumed == pytest.approx(reference, rel=0, abs=1e-5)

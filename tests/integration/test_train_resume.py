@@ -4,25 +4,21 @@ import torch
 
 from model.pretrained import load_pretrained
 from recipes.convert import consolidate
+from tests.integration import launch
 from tests.integration.launch import pretrain, read_metrics
 
 pytestmark = pytest.mark.integration
 
 
-def tiny_run(tmp_path, shards, name: str) -> list[str]:
-    spec = str(shards[0]).replace("000000", "{000000..000003}")
-    return [f"data.train_shards={spec}", "data.workers=2", "data.shuffle_buffer=8", "train.batch_size=4",
-            "train.steps=6", "train.warmup_steps=2", "model.dropout=0.1", "model.vision.image_size=32",
-            "model.vision.patch_size=8", "model.text.layers=2", "model.vision.layers=2",
-            "model.vision.region_split=-1",
-            f"checkpoint.dir={tmp_path / name / 'ckpt'}", "checkpoint.every_steps=3",
-            f"logging.dir={tmp_path / name}", "logging.every_steps=1", "logging.progress=false"]
+def tiny_run(tmp_path, spec: str, name: str) -> list[str]:
+    return launch.tiny_run(spec, tmp_path / name, steps=6, layers=2, workers=2) + [
+        "model.dropout=0.1", "checkpoint.every_steps=3"]
 
 
 def test_stop_and_resume_is_bit_exact(tmp_path, synthetic_shards):
-    shards = synthetic_shards(n_shards=4, per_shard=16)
-    pretrain(2, tiny_run(tmp_path, shards, "full"))
-    resumed = tiny_run(tmp_path, shards, "resumed")
+    spec = synthetic_shards(n_shards=4, per_shard=16)
+    pretrain(2, tiny_run(tmp_path, spec, "full"))
+    resumed = tiny_run(tmp_path, spec, "resumed")
     pretrain(2, resumed + ["train.stop_at=3"])
     pretrain(2, resumed + ["checkpoint.resume=latest"])
 
@@ -39,7 +35,7 @@ def test_stop_and_resume_is_bit_exact(tmp_path, synthetic_shards):
 
 
 def test_resume_without_checkpoint_is_one_line_error(tmp_path, synthetic_shards):
-    shards = synthetic_shards(n_shards=4, per_shard=4)
-    proc = pretrain(1, tiny_run(tmp_path, shards, "none") + ["checkpoint.resume=latest"], check=False)
+    spec = synthetic_shards(n_shards=4, per_shard=4)
+    proc = pretrain(1, tiny_run(tmp_path, spec, "none") + ["checkpoint.resume=latest"], check=False)
     assert proc.returncode != 0
     assert "holds no checkpoint" in proc.stderr

@@ -48,10 +48,9 @@ def worker(argv: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    from model.clip import CLIP
     from recipes import checkpointing, universal
     from recipes.config import load_config, to_dict
-    from recipes.engine import build_engine, deepspeed_config, init_distributed, model_init_context
+    from recipes.engine import build_engine, deepspeed_config, init_distributed
     from recipes.step import reduce_metrics, train_step
 
     p = argparse.ArgumentParser()
@@ -76,9 +75,7 @@ def worker(argv: list[str]) -> None:
     ds = deepspeed_config(cfg)
     if plan:
         universal.enable(ds)
-    with model_init_context(ds):
-        model = CLIP(cfg.model)
-    engine = build_engine(model, cfg, ds)
+    engine = build_engine(cfg, ds)
     step = checkpointing.load(engine, plan)["step"] if plan else 0
 
     losses = {}
