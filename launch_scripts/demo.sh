@@ -23,5 +23,6 @@ echo "== 3/5 resume from the ZeRO checkpoint and finish ($STEPS steps)"
 bash launch_scripts/local.sh 2 "$RECIPE" "${COMMON[@]}" checkpoint.resume=latest
 echo "== 4/5 consolidate"
 python -m recipes.convert --checkpoint "$RUN/checkpoints" --out "$RUN/model"
-echo "== 5/5 zero-shot evaluation on the held-out split"
+echo "== 5/5 zero-shot evaluation on the held-out split, from the consolidated folder alone"
+python -m recipes.plot "$RUN/metrics.jsonl" --out "$RUN/curves.png"
 python -m recipes.evaluate --model "$RUN/model" --data "data/demo/eval-{0000..0001}.tar" --json "$RUN/eval.json"
