@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,9 @@ def init_distributed() -> DistInfo:
     """Join the process group: NCCL on GPUs, gloo on CPU. A plain `python` launch becomes a world of one."""
     import deepspeed
 
+    # DeepSpeed 0.19 calls torch collectives that torch 2.14 renamed: one warning per call floods the log.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            category=FutureWarning)
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -11,6 +11,7 @@ by its patch groups at each layer (layer 1 is the lowest).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-thresholds", type=lambda s: [float(t) for t in s.split(",")], default=None,
                         help="comma-separated θ per vision layer, lowest first (default: SPEC §1.3)")
     args = parser.parse_args(argv)
-
-    model, cfg = load_pretrained(args.model)
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        sys.exit(f"error: image not found: {missing[0]}")
+    try:
+        model, cfg = load_pretrained(args.model)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.captions:
