@@ -58,8 +58,7 @@ def endless(loader):
 
 def train(cfg: Config) -> int:
     dist_info = init_distributed()
-    # --- preemption + resume plan (recipes/preemption.py, recipes/checkpointing.py) ---
-    # The signal handler goes in first (a signal before it would kill the rank) and before data workers fork.
+    # The preemption handler goes in first (a signal before it would kill the rank) and before data workers fork.
     preempt = preemption.PreemptionFlag(cfg.checkpoint.preempt_signal, dist_info.device,
                                         cfg.checkpoint.preempt_check_every)
     resume = checkpointing.plan_resume(cfg.checkpoint.dir, cfg.checkpoint.resume, to_dict(cfg), dist_info.world_size)
@@ -67,7 +66,6 @@ def train(cfg: Config) -> int:
     ds = deepspeed_config(cfg)
     if resume and resume.reshard:  # another world size: load through a universal checkpoint
         universal.enable(ds)
-    # --- end preemption + resume plan ---
     engine = build_engine(cfg, ds)
     seed_everything(cfg.train.seed + dist_info.rank)  # rank-distinct dropout / augmentation streams
 
@@ -112,7 +110,7 @@ def train(cfg: Config) -> int:
             logger.log(step, {**reduce_metrics(metrics), "lr": engine.get_lr()[0], **meter.read(),
                               **skip_metrics(loader.skip_counts())})
         logger.advance()
-        # --- periodic zero-shot eval: every rank takes part (ZeRO-3 gathers parameters collectively) ---
+        # Periodic zero-shot eval: every rank takes part (ZeRO-3 gathers parameters collectively).
         if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
             logger.log(step, evaluate_live(engine.module, tokenizer, cfg.eval, cfg.data, rank=dist_info.rank,
                                            world_size=dist_info.world_size, device=dist_info.device))
