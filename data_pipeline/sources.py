@@ -91,6 +91,3 @@ class ShardSchedule:
     @functools.lru_cache(maxsize=2)
     def _pass_order(self, epoch_pass: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch_pass]).permutation(len(self.all_shards))
-
-    def pass_of(self, i: int) -> int:
-        return 0 if self.resampled else i // self.per_pass
