@@ -24,7 +24,9 @@ class MultiheadAttention(nn.Module):
 
     def forward(self, x: Tensor, *, key_padding_mask: Tensor | None, causal: bool, prior=None) -> Tensor:
         b, n, w = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        # Split on the qkv axis before moving heads forward: unbind's backward then stacks the three gradients
+        # straight into the projection's [b, n, 3w] layout, with no second copy.
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, n, 3, self.heads, w // self.heads).unbind(2))
         dropout_p = self.attn_dropout if self.training else 0.0
         if prior is None:
             o = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p)

@@ -107,17 +107,32 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def fp32_grad_norms() -> None:
+    """DeepSpeed's ZeRO optimizers cast every gradient to fp64 before taking its norm: one full-size copy of
+    the gradients per step, ~4% of a CPU step. Per-tensor norms accumulated in fp32 (what torch's
+    clip_grad_norm_ does) are exact enough to clip by; DeepSpeed still combines and all-reduces them."""
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    for module in (stage_1_and_2, stage3):
+        module.get_norm_dtype = _fp32
+
+
+def _fp32() -> torch.dtype:
+    return torch.float32
+
+
 def build_engine(cfg: Config, ds: dict):
     """The model (built partitioned under ZeRO-3), AdamW with CLIP's decay groups and the warm-up + cosine
     schedule, wrapped in a DeepSpeed engine. Seed the RNG first: it sets the initial weights."""
     import deepspeed
 
+    fp32_grad_norms()
     with model_init_context(ds):
         model = CLIP(cfg.model)
     t = cfg.train
     optimizer = torch.optim.AdamW(
         param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-        fused=torch.cuda.is_available(),  # one kernel for all parameters on GPU
+        fused=True,  # one kernel over all parameters (CUDA and CPU); the per-tensor loop makes temporaries
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, t.warmup_steps, t.steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds)
