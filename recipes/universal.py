@@ -72,8 +72,10 @@ def load_universal(engine, ckpt_dir: str, tag: str) -> None:
 def _repair_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Undo two slips of DeepSpeed's universal ZeRO-3 load (0.19.8), each of which changes the next steps:
     it copies the first parameter group's hyperparameters into every group (our no-decay group gets weight
-    decay), and it hands all parameters one shared `step` tensor, which Adam then advances once per group."""
-    saved = torch.load(folder / "zero" / "optimizer_state.pt", weights_only=False)["optimizer_state_dict"]
+    decay), and it hands all parameters one shared `step` tensor, which Adam then advances once per group.
+    Harmless where the load got them right; ZeRO-2 saves the groups at the top level of the file."""
+    saved = torch.load(folder / "zero" / "optimizer_state.pt", weights_only=False)
+    saved = saved.get("optimizer_state_dict", saved)
     if len(saved["param_groups"]) != len(optimizer.param_groups):
         raise CheckpointError(f"{folder}: {len(saved['param_groups'])} optimizer parameter groups saved, "
                               f"{len(optimizer.param_groups)} in this run")

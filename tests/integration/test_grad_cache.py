@@ -12,7 +12,8 @@ from tests.integration.launch import torchrun
 
 pytestmark = pytest.mark.integration
 
-BASE = dict(attention="vanilla", dropout=0.1, reduction="coalesce", missing_on_rank1=False, replay_rng=True)
+BASE = dict(attention="vanilla", dropout=0.1, reduction="coalesce", missing_on_rank1=False, replay_rng=True,
+            region_source="boxes")
 CHUNKS_PER_STEP = 2  # the worker's batch of 6 per rank in chunks of 4
 
 MATRIX = [dict(BASE, name=f"zero{stage}-{loss}", stage=stage, loss=loss)
@@ -27,6 +28,8 @@ CASES = {
         dict(BASE, name="rank1-lacks-regions-and-summaries", stage=3, loss="pyramid", missing_on_rank1=True),
         dict(BASE, name="hier-zero3", stage=3, loss="pyramid", attention="hier"),
         dict(BASE, name="boundary-reduction", stage=3, loss="pyramid", reduction="boundary"),
+        # Regions from precomputed detector features (a linear embedding) instead of ROI-align over the tower.
+        dict(BASE, name="detector-features-zero3", stage=3, loss="pyramid", region_source="features"),
         # Negative control: the comparison can fail. Without RNG replay the dropout masks change between passes.
         dict(BASE, name="no-rng-replay", stage=2, loss="pyramid", replay_rng=False),
     ],
