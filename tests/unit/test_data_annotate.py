@@ -57,3 +57,44 @@ def test_pluggable_detector(tmp_path):
         meta = json.loads(sample.fields["json"])
         assert meta["objects"] == [{"label": "thing", "attributes": ["small"]}]
         assert meta["boxes"] == [[0.1, 0.2, 0.5, 0.6]]
+
+
+def tiny_seq2seq(folder, texts: list[str]) -> None:
+    """A 1-layer T5 with random weights and a word-level tokenizer trained on `texts`, saved as a local folder.
+    Generation must emit at least 3 real words (no pad/unk), so the summaries are visibly the model's."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    model.generation_config = GenerationConfig(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                                               min_new_tokens=3, bad_words_ids=[[0], [2]])
+    model.save_pretrained(folder)
+
+
+def test_local_seq2seq_summarizer(tmp_path):
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    src = str(tmp_path / "in.tar")
+    strip_annotations(make_shards(str(tmp_path / "raw"), 1, 4, image_size=16)[0], src)
+    captions = [s.fields["txt"].decode() for s in iter_samples(src)]
+    tiny_seq2seq(tmp_path / "summarizer", captions)
+    annotate.annotate_shard(src, str(tmp_path / "out.tar"), str(tmp_path / "summarizer"), None)
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "summarizer")
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path / "summarizer").eval()
+    summaries = []
+    for caption, sample in zip(captions, iter_samples(str(tmp_path / "out.tar")), strict=True):
+        summary = json.loads(sample.fields["json"])["summary"]
+        ids = model.generate(**tokenizer(caption, return_tensors="pt"), max_new_tokens=20)[0]
+        assert summary == tokenizer.decode(ids, skip_special_tokens=True).strip() and len(summary.split()) >= 3
+        assert summary != annotate.head_noun_phrase(caption)  # the model's, not the extractive default
+        summaries.append(summary)
+    assert len(set(summaries)) > 1, "the summaries should depend on the caption"
