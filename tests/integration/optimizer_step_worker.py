@@ -2,7 +2,7 @@
 recipe's fused AdamW and decay groups) against the same two steps in plain torch on one process (the whole
 global batch, torch's clip_grad_norm_ in fp64, the reference single-tensor AdamW). Rank 0 writes one JSON object.
 
-    torchrun --nproc_per_node 2 tests/integration/optimizer_step_worker.py OUT_FILE STAGE
+    torchrun --nproc_per_node 2 tests/integration/optimizer_step_worker.py OUT_FILE DS_CONFIG
 
 The reference is taken twice: once as it should be, and once with the clipping norm 10% off, so the test can
 show that the comparison notices a wrong norm (Adam is nearly scale-invariant; eps is raised to make it see
@@ -19,7 +19,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 from model.clip import CLIP
 from model.losses import compute_loss
 from recipes.config import load_config
-from recipes.engine import build_engine, cosine_with_warmup, deepspeed_config, init_distributed, param_groups
+from recipes.engine import (build_engine, cosine_with_warmup, deepspeed_config, init_distributed, param_groups,
+                            zero_stage)
 from recipes.step import split_levels, train_step
 from tests.unit.test_pyramid_model import pyramid_batch, small_config
 
@@ -52,16 +53,16 @@ def reference(cfg, init: dict[str, torch.Tensor], batches: list[dict], norm_erro
     return {k: v.detach() for k, v in model.state_dict().items()}, norms
 
 
-def main(out_file: str, stage: str) -> None:
+def main(out_file: str, ds_name: str) -> None:
     torch.set_num_threads(1)
     info = init_distributed()
-    cfg = load_config(None, [f"train.ds_config=ds_configs/zero{stage}.json", f"train.batch_size={LOCAL_BATCH}",
+    cfg = load_config(None, [f"train.ds_config=ds_configs/{ds_name}.json", f"train.batch_size={LOCAL_BATCH}",
                              f"train.lr={LR}", f"train.eps={EPS}", f"train.grad_clip={CLIP_NORM}",
                              f"train.weight_decay={WEIGHT_DECAY}", "train.precision=fp32", "train.warmup_steps=2",
                              "train.steps=10", "loss.kind=clip"])
     cfg.model = small_config("vanilla")
     ds = deepspeed_config(cfg)
-    if stage == "3":
+    if zero_stage(ds) == 3:
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
     torch.manual_seed(0)
     engine = build_engine(cfg, ds)
@@ -86,7 +87,7 @@ def main(out_file: str, stage: str) -> None:
         def max_diff(params):
             return max((got[k] - params[k]).abs().max().item() for k in got)
 
-        result = {"stage": int(stage), "world": world, "engine_norms": engine_norms, "reference_norms": ref_norms,
+        result = {"ds_config": ds_name, "world": world, "engine_norms": engine_norms, "reference_norms": ref_norms,
                   "max_update": update, "max_diff": max_diff(want), "max_diff_wrong_norm": max_diff(wrong),
                   "params": len(got)}
         with open(out_file, "w") as f:

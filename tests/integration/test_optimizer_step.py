@@ -1,5 +1,6 @@
-"""The engine's optimizer step is plain AdamW with global-norm clipping: two steps through DeepSpeed (ZeRO-2 and
-ZeRO-3, 2 gloo ranks, the recipe's fused AdamW and its fp32 gradient norms) equal the same steps in plain torch.
+"""The engine's optimizer step is plain AdamW with global-norm clipping: two steps through DeepSpeed (each shipped
+ZeRO config, CPU offload included, on 2 gloo ranks, with the recipe's fused AdamW and its fp32 gradient norms)
+equal the same steps in plain torch.
 """
 import json
 
@@ -10,10 +11,10 @@ from tests.integration.launch import torchrun
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_engine_step_equals_plain_torch(tmp_path, stage):
+@pytest.mark.parametrize("ds_config", ["zero2", "zero3", "zero2_offload", "zero3_offload"])
+def test_engine_step_equals_plain_torch(tmp_path, ds_config):
     out = tmp_path / "result.json"
-    torchrun(2, ["tests/integration/optimizer_step_worker.py", str(out), str(stage)], timeout=180)
+    torchrun(2, ["tests/integration/optimizer_step_worker.py", str(out), ds_config], timeout=180)
     r = json.loads(out.read_text())
 
     for got, want in zip(r["engine_norms"], r["reference_norms"], strict=True):
