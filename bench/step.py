@@ -10,7 +10,7 @@ Variants are interleaved repeat by repeat and compared by the ratio of medians.
 
 Batch 128 per device by default: CLIP runs train at 128-512 per device. The engine's per-step work that does
 not grow with the batch (DeepSpeed copies every gradient into its reduction buckets and flat partition, then
-clips and updates) is ~0.15 s here: ~6% of a step at batch 32, under 2% at 128. Run `--batch 32` to see it.
+clips and updates) is ~0.15 s here: ~7% of a step at batch 32, under 2% at 128. Run `--batch 32` to see it.
 Last line: one JSON object.
 """
 from __future__ import annotations
