@@ -1,6 +1,7 @@
-"""Run under torchrun: two training steps through the DeepSpeed engine (ZeRO-2 or -3, gradient clipping on, the
+"""Run under torchrun: two training steps through the DeepSpeed engine (a shipped ZeRO config, clipping on, the
 recipe's fused AdamW and decay groups) against the same two steps in plain torch on one process (the whole
-global batch, torch's clip_grad_norm_ in fp64, the reference single-tensor AdamW). Rank 0 writes one JSON object.
+global batch, global-norm clipping as torch's clip_grad_norm_ computes it but in fp64, the reference single-tensor
+AdamW). Rank 0 writes one JSON object.
 
     torchrun --nproc_per_node 2 tests/integration/optimizer_step_worker.py OUT_FILE DS_CONFIG
 
@@ -50,7 +51,7 @@ def reference(cfg, init: dict[str, torch.Tensor], batches: list[dict], norm_erro
             g.mul_(scale)
         optimizer.step()
         schedule.step()
-    return {k: v.detach() for k, v in model.state_dict().items()}, norms
+    return {k: p.detach() for k, p in model.named_parameters()}, norms
 
 
 def main(out_file: str, ds_name: str) -> None:
