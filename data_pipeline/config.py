@@ -13,6 +13,12 @@ class SourceConfig:
     weight: float = 1.0  # relative probability of drawing a shard from this source (resampled mode)
     name: str = ""  # for logs and skip metrics; defaults to the source's index
 
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("shards must be a shard spec, got ''")
+        if not self.weight > 0:
+            raise ValueError(f"weight must be > 0, got {self.weight!r}")
+
 
 @dataclass
 class DataConfig:
@@ -40,6 +46,22 @@ class DataConfig:
     max_skip_rate: float = 0.1
     skip_rate_min_samples: int = 200
 
+    def __post_init__(self) -> None:
+        # (name, ok, allowed): one line per field, the builder adds the section's path.
+        for name, ok, allowed in (
+            ("train_num_samples", self.train_num_samples is None or self.train_num_samples >= 1, "≥ 1 or null"),
+            ("shuffle_buffer", self.shuffle_buffer >= 0, "≥ 0"),
+            ("workers", self.workers >= 0, "≥ 0 (0 decodes in the training process)"),
+            ("prefetch_factor", self.prefetch_factor >= 1, "≥ 1"),
+            ("global_scale", _area_range(self.global_scale), "a range [lo, hi] with 0 < lo ≤ hi ≤ 1"),
+            ("local_scale", _area_range(self.local_scale), "a range [lo, hi] with 0 < lo ≤ hi ≤ 1"),
+            ("max_regions", self.max_regions >= 0, "≥ 0"),
+            ("max_skip_rate", 0 <= self.max_skip_rate <= 1, "in [0, 1]"),
+            ("skip_rate_min_samples", self.skip_rate_min_samples >= 1, "≥ 1"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
     def train_sources(self) -> list[SourceConfig]:
         """The sources to read, with `train_shards` as a single source of weight 1."""
         sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
@@ -48,3 +70,7 @@ class DataConfig:
         if not sources:
             raise ValueError("data: set `train_shards` or `sources` (no training shards configured)")
         return [SourceConfig(s.shards, s.weight, s.name or f"source{i}") for i, s in enumerate(sources)]
+
+
+def _area_range(r) -> bool:
+    return len(r) == 2 and 0 < r[0] <= r[1] <= 1

@@ -28,6 +28,7 @@ import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -37,19 +38,24 @@ from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.transforms import IMAGE_EXTENSIONS, SampleTransform, ViewConfig, decode_rgb
 
 ZEROSHOT_DIR = Path(__file__).parent / "zeroshot"
-KINDS = ("shards", "animal_mnist", "image_folder", "imagenet", "coco", "flickr30k")
+Kind = Literal["shards", "animal_mnist", "image_folder", "imagenet", "coco", "flickr30k"]
+KINDS: tuple[str, ...] = get_args(Kind)
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
 
 
 @dataclass
 class EvalSetConfig:
-    kind: str = "shards"  # one of KINDS
+    kind: Kind = "shards"
     name: str = ""  # metric prefix; defaults to kind
     root: str = ""  # folder of images (image_folder, imagenet, coco, flickr30k)
     annotations: str = ""  # Karpathy split JSON (coco, flickr30k)
     split: str = "test"  # Karpathy split (coco, flickr30k)
     classnames: str = ""  # JSON with classnames (+ templates) overriding the kind's own
     max_samples: int = 0  # evaluate N items evenly spread over the set (streamed shards: the first N); 0 = all
+
+    def __post_init__(self) -> None:
+        if self.max_samples < 0:
+            raise ValueError(f"max_samples must be ≥ 0 (0 = all), got {self.max_samples!r}")
 
 
 @dataclass

@@ -4,17 +4,25 @@ Every field maps 1:1 onto behaviour; presets at the bottom name the sizes the re
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
+
+from model.config_tree import build, require
+
+Attention = Literal["vanilla", "hier"]
 
 
 @dataclass
 class HierConfig:
     """HiCLIP hierarchy-aware attention (SPEC §1)."""
 
-    prior_mode: str = "multiply"  # multiply: (C ⊙ softmax) V, the paper; bias: softmax(QKᵀ + log C) V
-    attn_impl: str = "auto"  # auto | reference | sdpa | triton
+    # multiply: (C ⊙ softmax(QKᵀ/√d)) V, the paper; bias: softmax(QKᵀ/√d + log C) V
+    prior_mode: Literal["multiply", "bias"] = "multiply"
+    attn_impl: Literal["auto", "reference", "sdpa", "triton"] = "auto"
     sigma: float = 256.0  # fixed scale of the neighbour scores (Tree Transformer)
+
+    def __post_init__(self) -> None:
+        require(self.sigma > 0, "sigma", self.sigma, "> 0")
 
 
 @dataclass
@@ -25,12 +33,22 @@ class VisionConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
-    attention: str = "vanilla"  # vanilla | hier
+    attention: Attention = "vanilla"
     # PyramidCLIP region branch: blocks from this index on form f2 (the "top blocks").
     region_split: int = -3
-    region_source: str = "boxes"  # boxes: ROI-align on own patch features | features: detector features
+    region_source: Literal["boxes", "features"] = "boxes"  # boxes: ROI-align on own patch features | features: detector features
     region_feature_dim: int = 2052  # 2048-d detector feature + 4-d box, when region_source = features
     max_regions: int = 10
+
+    def __post_init__(self) -> None:
+        _check_tower(self)
+        require(self.patch_size >= 1 and self.image_size % self.patch_size == 0, "patch_size", self.patch_size,
+                f"≥ 1 and a divisor of image_size ({self.image_size})")
+        # Negative counts from the top; one beyond the depth makes every block f2 (model/vision.py).
+        require(self.region_split < self.layers, "region_split", self.region_split,
+                f"< layers ({self.layers}): blocks from this index on form the region branch's f2")
+        require(self.region_feature_dim >= 1, "region_feature_dim", self.region_feature_dim, "≥ 1")
+        require(self.max_regions >= 0, "max_regions", self.max_regions, "≥ 0")
 
     @property
     def grid_size(self) -> int:
@@ -46,7 +64,22 @@ class TextConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     causal: bool = True
-    attention: str = "vanilla"  # vanilla | hier
+    attention: Attention = "vanilla"
+
+    def __post_init__(self) -> None:
+        _check_tower(self)
+        require(self.context_length >= 2, "context_length", self.context_length, "≥ 2")
+        require(self.vocab_size >= 1, "vocab_size", self.vocab_size, "≥ 1")
+
+
+def _check_tower(cfg: VisionConfig | TextConfig) -> None:
+    size = getattr(cfg, "image_size", None)
+    if size is not None:
+        require(size >= 1, "image_size", size, "≥ 1")
+    require(cfg.layers >= 1, "layers", cfg.layers, "≥ 1")
+    require(cfg.width >= 1, "width", cfg.width, "≥ 1")
+    require(cfg.heads >= 1 and cfg.width % cfg.heads == 0, "heads", cfg.heads, f"≥ 1 and a divisor of width ({cfg.width})")
+    require(cfg.mlp_ratio > 0, "mlp_ratio", cfg.mlp_ratio, "> 0")
 
 
 @dataclass
@@ -58,6 +91,12 @@ class ModelConfig:
     dropout: float = 0.0  # residual-branch dropout in every block
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        require(self.embed_dim >= 1, "embed_dim", self.embed_dim, "≥ 1")
+        require(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        require(self.init_temperature > 0, "init_temperature", self.init_temperature, "> 0")
+        require(self.max_logit_scale > 0, "max_logit_scale", self.max_logit_scale, "> 0")
 
 
 def _vit(image_size, patch_size, width, layers, heads, **kw) -> VisionConfig:
@@ -82,15 +121,6 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
-    """Rebuild a ModelConfig from `dataclasses.asdict` output (a consolidated folder's config.json)."""
-    from dataclasses import fields
-
-    def build(cls, values: dict):
-        kwargs = {}
-        for f in fields(cls):
-            if f.name in values:
-                sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-                kwargs[f.name] = build(sub, values[f.name]) if sub is not None else values[f.name]
-        return cls(**kwargs)
-
+    """Rebuild a ModelConfig from `dataclasses.asdict` output (a consolidated folder's config.json), through the
+    same builder and checks as a recipe: an unknown key or a bad value is a one-line ConfigError."""
     return build(ModelConfig, data)

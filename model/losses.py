@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from model.config_tree import require
 
 IMAGE_LEVELS = ("global", "local", "region")
 TEXT_LEVELS = ("caption", "summary", "objects")
@@ -55,22 +58,22 @@ AUTO_TILED_MIN_LOGITS = 4096 * 4096
 
 @dataclass
 class LossConfig:
-    kind: str = "clip"  # clip: (global, caption) only | pyramid: the six PyramidCLIP terms
-    impl: str = "auto"  # auto | dense | tiled (PyTorch tile loop) | triton (CUDA; CPU under TRITON_INTERPRET=1)
+    kind: Literal["clip", "pyramid"] = "clip"  # clip: (global, caption) only | pyramid: the six PyramidCLIP terms
+    # dense | tiled (PyTorch tile loop) | triton (CUDA; CPU under TRITON_INTERPRET=1) | auto: by size and device
+    impl: Literal["auto", "dense", "tiled", "triton"] = "auto"
     label_smoothing: float = 0.2  # α of the softened negatives (SPEC §2.2); 0 gives the original CLIP loss
     lambda_global: float = 1.0 / 3.0  # λ, weight of the cross-level global terms
     mu_local: float = 1.0 / 3.0  # μ, weight of the cross-level local terms; peer terms get 1 − λ − μ
     tile_size: int = 1024  # rows and columns per block of the tiled PyTorch implementation
 
     def __post_init__(self) -> None:
-        if self.kind not in ("clip", "pyramid"):
-            raise ValueError(f"loss.kind must be 'clip' or 'pyramid', got {self.kind!r}")
-        if self.impl not in ("auto", "dense", "tiled", "triton"):
-            raise ValueError(f"loss.impl must be one of auto, dense, tiled, triton; got {self.impl!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if min(self.lambda_global, self.mu_local) < 0 or self.lambda_global + self.mu_local > 1:
-            raise ValueError("loss.lambda_global and loss.mu_local must be ≥ 0 with a sum ≤ 1")
+        require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing, "in [0, 1)")
+        require(self.lambda_global >= 0, "lambda_global", self.lambda_global, "≥ 0")
+        require(self.mu_local >= 0, "mu_local", self.mu_local, "≥ 0")
+        peer = 1 - self.lambda_global - self.mu_local
+        require(peer >= -1e-9, "lambda_global + mu_local", self.lambda_global + self.mu_local,
+                f"≤ 1 (the peer terms get 1 − λ − μ = {peer:.3g})")
+        require(self.tile_size >= 1, "tile_size", self.tile_size, "≥ 1")
 
     def term_groups(self) -> dict[str, tuple[tuple[str, str], ...]]:
         return CLIP_TERMS if self.kind == "clip" else PYRAMID_TERMS

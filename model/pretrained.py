@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from model.clip import CLIP
 from model.config import ModelConfig, model_config_from_dict
+from model.config_tree import ConfigError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -79,7 +80,10 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> t
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} is not a consolidated model folder (no {CONFIG_NAME})")
-    cfg = model_config_from_dict(json.loads(config_path.read_text()))
+    try:
+        cfg = model_config_from_dict(json.loads(config_path.read_text()))
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
     model = CLIP(cfg)
     state = {k: v.float() for k, v in load_state_dict(folder).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,30 +1,37 @@
 """The typed config tree, loaded from a YAML recipe plus dotted `a.b.c=value` overrides.
 
-Each part is defined beside the code it configures; this file only assembles them and owns the loading rules:
-unknown keys are errors naming the key and its nearest valid spelling, and `model.preset` starts the model from
-a named size before the recipe's own model keys apply.
+Each part is defined beside the code it configures, with its own checks in `__post_init__`; this file only
+assembles them and owns the loading rules (the building itself is model/config_tree.py, shared with
+consolidated folders):
+- a recipe may start from another with `base: other.yaml` (a path relative to the recipe) and say only what it
+  changes; mappings merge key by key, anything else (a list included) replaces;
+- `model.preset` starts the model from a named size before the recipe's own model keys apply;
+- an override names one key once (a repeated key is an error: the shell's brace expansion makes them);
+- numbers in scientific notation are floats, as in YAML 1.2 (`lr: 1e-3`; PyYAML alone reads a string).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
-import types
-import typing
+import re
+import signal
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from data_pipeline.config import DataConfig
 from model.config import PRESETS, ModelConfig
+from model.config_tree import ConfigError, build, require, suggest
 from model.losses import LossConfig
 from recipes.evaluate import EvalConfig
 from recipes.grad_cache import GradCacheConfig
 
+__all__ = ["Config", "ConfigError", "load_config", "to_dict"]
 
-class ConfigError(ValueError):
-    pass
+# Signals a handler cannot catch: naming one as the preemption signal could never work.
+UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 
 
 @dataclass
@@ -38,9 +45,21 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     grad_clip: float = 1.0  # 0 disables
-    precision: str = "bf16"  # bf16 | fp32
+    precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
     ds_config: str = "ds_configs/zero3.json"
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "steps", self.steps, "≥ 1")
+        require(self.stop_at >= 0, "stop_at", self.stop_at, "≥ 0 (0 runs to train.steps)")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "≥ 1")
+        require(self.lr > 0, "lr", self.lr, "> 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "≥ 0")
+        require(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
+        require(self.eps > 0, "eps", self.eps, "> 0")
+        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "≥ 0")
+        require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "≥ 0 (0 disables clipping)")
+        require(bool(self.ds_config), "ds_config", self.ds_config, "a DeepSpeed JSON path")
 
 
 @dataclass
@@ -54,6 +73,17 @@ class CheckpointConfig:
     # signal 120 s before the limit, 10 steps are plenty.
     preempt_check_every: int = 10
 
+    def __post_init__(self) -> None:
+        require(bool(self.dir), "dir", self.dir, "a folder path")
+        require(self.every_steps >= 1, "every_steps", self.every_steps, "≥ 1")
+        require(self.keep_last >= 1, "keep_last", self.keep_last, "≥ 1")
+        require(self.preempt_check_every >= 1, "preempt_check_every", self.preempt_check_every, "≥ 1")
+        catchable = sorted(s.name for s in signal.Signals if s.name not in UNCATCHABLE_SIGNALS)
+        if self.preempt_signal and self.preempt_signal not in catchable:
+            close = suggest(self.preempt_signal, catchable)
+            raise ValueError(f"preempt_signal must be a catchable signal name (e.g. SIGUSR1, SIGTERM) or '', "
+                             f"got {self.preempt_signal!r}{close}")
+
 
 @dataclass
 class LoggingConfig:
@@ -64,6 +94,10 @@ class LoggingConfig:
     tensorboard: bool = False  # also write TensorBoard events under `dir` (needs the tensorboard package)
     progress: bool = True
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up (recipes/metrics.py)
+
+    def __post_init__(self) -> None:
+        require(self.every_steps >= 1, "every_steps", self.every_steps, "≥ 1")
+        require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "≥ 0 (0 looks the device up)")
 
 
 @dataclass
@@ -77,24 +111,92 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        """Checks that span sections (each section checks its own fields)."""
+        chunk, batch = self.grad_cache.chunk_size, self.train.batch_size
+        if chunk > batch:
+            raise ValueError(f"grad_cache.chunk_size ({chunk}) must be ≤ train.batch_size ({batch}) per rank, "
+                             f"or 0 to turn the cache off")
+        if self.data.max_regions != self.model.vision.max_regions:
+            raise ValueError(f"data.max_regions ({self.data.max_regions}) must equal model.vision.max_regions "
+                             f"({self.model.vision.max_regions}): the loader pads boxes to the model's region count")
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+    raw = _read_recipe(Path(path)) if path is not None else {}
+    keys = Counter(item.partition("=")[0].strip() for item in overrides)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form a.b.c=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
-    return _build(Config, raw, "")
+        key = key.strip()
+        if keys[key] > 1:
+            raise ConfigError(f"override {key!r} is given {keys[key]} times; one value per key (an unquoted brace "
+                              f"pattern such as {key}=dir/{{0000..0007}}.tar is expanded by the shell into one "
+                              f"argument per item: quote it)")
+        _set_dotted(raw, key, _parse(value))
+    return build(Config, _apply_preset(raw))
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, whose floats need a dot (`1.0e-3`): `1e-3` would load as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _parse(text: str, source: str = "override"):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(e).split())})") from None
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base:` chain loops back to itself")
+    raw = _parse(path.read_text(), str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a recipe path, got {base!r}")
+    return _merge(_read_recipe(path.parent / base, (*seen, path.resolve())), raw)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both_maps else value
+    return out
+
+
+def _apply_preset(raw: dict) -> dict:
+    model = raw.get("model")
+    if not isinstance(model, dict) or "preset" not in model:
+        return raw
+    model = dict(model)
+    name = model.pop("preset")
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}{suggest(str(name), PRESETS)}")
+    return {**raw, "model": _merge(dataclasses.asdict(PRESETS[name]), model)}
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:
@@ -104,50 +206,3 @@ def _set_dotted(tree: dict, key: str, value) -> None:
         if not isinstance(tree, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
     tree[leaf] = value
-
-
-def _build(cls, raw: dict, prefix: str, base=None):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    raw = dict(raw)
-    if cls is ModelConfig and "preset" in raw:
-        name = raw.pop("preset")
-        if name not in PRESETS:
-            raise ConfigError(f"unknown model preset {name!r}{_suggest(str(name), PRESETS)}")
-        base = copy.deepcopy(PRESETS[name])
-    obj = base if base is not None else cls()
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key, value in raw.items():
-        if key not in fields:
-            raise ConfigError(f"unknown config key {prefix}{key!r}{_suggest(key, fields)}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, f"{prefix}{key}.", base=getattr(obj, key))
-        else:
-            value = _coerce(value, hint, f"{prefix}{key}")
-        setattr(obj, key, value)
-    return obj
-
-
-def _coerce(value, hint, name: str):
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return value  # optional / union fields take the YAML value as written
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        item = (typing.get_args(hint) or (None,))[0]
-        if dataclasses.is_dataclass(item):  # e.g. a list of data sources
-            return origin(_build(item, v, f"{name}[{i}].") for i, v in enumerate(value))
-        return origin(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
-    return value
-
-
-def _suggest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""

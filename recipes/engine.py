@@ -67,8 +67,6 @@ def deepspeed_config(cfg: Config) -> dict:
         raise ConfigError(f"train.ds_config: DeepSpeed config not found: {path}")
     with open(path) as f:
         ds = json.load(f)
-    if cfg.train.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {cfg.train.precision!r}")
     ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     ds["gradient_accumulation_steps"] = 1
     ds.pop("train_batch_size", None)

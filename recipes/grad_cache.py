@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from model.config_tree import require
 
 LossFn = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
 
@@ -36,13 +38,10 @@ PER_BATCH_OUTPUTS = ("logit_scale",)
 @dataclass
 class GradCacheConfig:
     chunk_size: int = 0  # samples per chunk on each rank; 0 turns the cache off
-    reduction: str = "coalesce"  # coalesce: one gradient reduction per step | boundary: one per chunk
+    reduction: Literal["coalesce", "boundary"] = "coalesce"  # coalesce: one reduction per step | boundary: per chunk
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 0:
-            raise ValueError(f"grad_cache.chunk_size must be ≥ 0, got {self.chunk_size}")
-        if self.reduction not in ("coalesce", "boundary"):
-            raise ValueError(f"grad_cache.reduction must be 'coalesce' or 'boundary', got {self.reduction!r}")
+        require(self.chunk_size >= 0, "chunk_size", self.chunk_size, "≥ 0 (0 turns the cache off)")
 
 
 def split_batch(batch: dict, chunk_size: int) -> list[dict]:
