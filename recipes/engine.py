@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from model.clip import CLIP
+from recipes import ds_patches
 from recipes.config import Config, ConfigError
 
 
@@ -43,8 +44,7 @@ def init_distributed() -> DistInfo:
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # The shared-memory allreduce op is JIT-compiled (~35 s) at every start; gloo alone is enough on CPU.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        ds_patches.no_shm_comm()
     local_rank = int(os.environ["LOCAL_RANK"])
     if on_gpu:
         torch.cuda.set_device(local_rank)
@@ -105,26 +105,12 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def fp32_grad_norms() -> None:
-    """DeepSpeed's ZeRO optimizers cast every gradient to fp64 before taking its norm: one full-size copy of
-    the gradients per step, ~4% of a CPU step. Per-tensor norms accumulated in fp32 (what torch's
-    clip_grad_norm_ does) are exact enough to clip by; DeepSpeed still combines and all-reduces them."""
-    from deepspeed.runtime.zero import stage3, stage_1_and_2
-
-    for module in (stage_1_and_2, stage3):
-        module.get_norm_dtype = _fp32
-
-
-def _fp32() -> torch.dtype:
-    return torch.float32
-
-
 def build_engine(cfg: Config, ds: dict):
     """The model (built partitioned under ZeRO-3), AdamW with CLIP's decay groups and the warm-up + cosine
     schedule, wrapped in a DeepSpeed engine. Seed the RNG first: it sets the initial weights."""
     import deepspeed
 
-    fp32_grad_norms()
+    ds_patches.fp32_grad_norms()
     with model_init_context(ds):
         model = CLIP(cfg.model)
     t = cfg.train
