@@ -93,11 +93,11 @@ class LoggingConfig:
     wandb_project: str = "hiclip"
     tensorboard: bool = False  # also write TensorBoard events under `dir` (needs the tensorboard package)
     progress: bool = True
-    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up (recipes/metrics.py)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = GPU datasheet / measured CPU GEMM (recipes/metrics.py)
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 1, "every_steps", self.every_steps, "≥ 1")
-        require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "≥ 0 (0 looks the device up)")
+        require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "≥ 0 (0: the GPU's datasheet or the CPU's measured peak)")
 
 
 @dataclass

@@ -3,13 +3,19 @@
 MFU = achieved model FLOP/s per device / the device's peak. Model FLOPs come from the analytic count of the
 configured model (model/flops.py: matmuls only, 3× forward for a training step); as MFU is defined, work that
 is recomputed (gradient caching replays the towers' forward) is not credited. Peaks are dense bf16 tensor-core
-numbers from the vendors' datasheets; `logging.peak_tflops` overrides them. On CPU the peak is a nominal 0.1 TFLOP/s per rank
-(about two AVX2 cores in fp32): CPU MFU only compares runs on the same machine, it is not a utilisation.
+numbers from the vendors' datasheets; `logging.peak_tflops` overrides them. A CPU has no datasheet number that
+means anything for torch's GEMMs, so its peak is measured: the best rate of a large square matmul in the run's
+precision on the threads this process uses, once per machine, thread count, dtype and torch version, cached in
+~/.cache/hiclip (XDG_CACHE_HOME). CPU MFU is then a real fraction: of what this machine's GEMM can reach.
 """
 from __future__ import annotations
 
+import json
+import os
+import platform
 import resource
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,20 +34,69 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("L4", 121.0),
     ("V100", 125.0),  # fp16: V100 has no bf16
 )
-CPU_NOMINAL_TFLOPS = 0.1
+GEMM_SIZE = 2048  # square fp32 / bf16 matmul of the CPU calibration: large enough to run at the BLAS peak
 
 
-def peak_tflops(device: torch.device, override: float = 0.0) -> tuple[float, str]:
+def peak_tflops(device: torch.device, override: float = 0.0, dtype: torch.dtype = torch.bfloat16
+                ) -> tuple[float, str]:
     """(peak TFLOP/s of one device, where the number came from)."""
     if override > 0:
         return override, "logging.peak_tflops"
     if device.type != "cuda":
-        return CPU_NOMINAL_TFLOPS, "nominal CPU figure (not a utilisation)"
+        return cpu_peak_tflops(dtype)
     name = torch.cuda.get_device_name(device)
     for key, tflops in PEAK_BF16_TFLOPS:
         if key in name:
             return tflops, f"{name} dense bf16 datasheet"
     return 0.0, f"unknown device {name!r}: set logging.peak_tflops for MFU"
+
+
+def cpu_peak_tflops(dtype: torch.dtype, seconds: float = 0.5) -> tuple[float, str]:
+    """The measured GEMM peak of this CPU (see the module docstring), from the cache when it has one."""
+    threads = torch.get_num_threads()
+    key = f"{_cpu_name()}|threads={threads}|{dtype}|torch={torch.__version__}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "hiclip", "cpu_gemm_peak.json")
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}  # no cache yet, or an unreadable one: measure again
+    tflops = known.get(key) if isinstance(known, dict) else None
+    origin = "cached"
+    if not isinstance(tflops, (int, float)) or tflops <= 0:
+        tflops, origin = measure_gemm_tflops(dtype, seconds), "measured"
+        known = {**(known if isinstance(known, dict) else {}), key: tflops}
+        try:  # atomic: ranks calibrating at the same time never read half a file
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home: measure again next time
+    name = str(dtype).removeprefix("torch.")
+    return tflops, f"{origin} {name} GEMM peak of this CPU on {threads} thread(s) ({cache})"
+
+
+def measure_gemm_tflops(dtype: torch.dtype, seconds: float = 0.5, n: int = GEMM_SIZE) -> float:
+    """Best TFLOP/s of an n×n×n matmul over repeated runs of about `seconds` in all."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up: BLAS thread pool, packing buffers
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while True:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+        if start > deadline:
+            return 2 * n**3 / best / 1e12
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class StepMeter:

@@ -93,12 +93,13 @@ def train(cfg: Config) -> int:
                        use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project, config=to_dict(cfg),
                        progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
     batches = endless(loader)
-    peak, peak_source = peak_tflops(dist_info.device, cfg.logging.peak_tflops)
+    peak, peak_source = peak_tflops(dist_info.device, cfg.logging.peak_tflops,
+                                    torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
     meter = StepMeter(train_flops_per_sample=count_flops(cfg.model, pyramid=cfg.loss.kind == "pyramid").train,
                       global_batch=cfg.train.batch_size * dist_info.world_size, world_size=dist_info.world_size,
                       peak_tflops=peak, device=dist_info.device)
     if dist_info.is_main:
-        log.info("MFU against %.1f TFLOP/s per device (%s)", peak, peak_source)
+        log.info("MFU against %.3g TFLOP/s per device (%s)", peak, peak_source)
     stop = False
     while step < end and not stop:
         t0 = time.perf_counter()

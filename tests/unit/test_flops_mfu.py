@@ -47,8 +47,30 @@ def test_unknown_peak_gives_no_mfu(monkeypatch):
     assert "mfu" not in meter.read()
 
 
+def test_cpu_peak_is_measured_once_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured = []
+    real = metrics.measure_gemm_tflops
+    monkeypatch.setattr(metrics, "measure_gemm_tflops",
+                        lambda dtype, seconds: measured.append(dtype) or real(dtype, seconds=0.05, n=256))
+    tflops, source = peak_tflops(torch.device("cpu"), dtype=torch.float32)
+    assert tflops > 0 and source.startswith("measured float32 GEMM peak of this CPU on")
+    again, source = peak_tflops(torch.device("cpu"), dtype=torch.float32)
+    assert (again, measured) == (tflops, [torch.float32]) and source.startswith("cached")
+    peak_tflops(torch.device("cpu"), dtype=torch.bfloat16)  # another dtype is another entry
+    assert measured == [torch.float32, torch.bfloat16]
+    (tmp_path / "hiclip" / "cpu_gemm_peak.json").write_text("{not json")  # a broken cache: measure again
+    assert peak_tflops(torch.device("cpu"), dtype=torch.float32)[0] > 0 and len(measured) == 3
+
+
+def test_gemm_measurement_counts_flops(monkeypatch):
+    """2·n³ FLOPs over the best single matmul time."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: float(next(ticks)))  # each matmul takes 1 "second"
+    assert metrics.measure_gemm_tflops(torch.float32, seconds=2.0, n=64) == pytest.approx(2 * 64**3 / 1e12)
+
+
 def test_peak_lookup(monkeypatch):
-    assert peak_tflops(torch.device("cpu")) == (metrics.CPU_NOMINAL_TFLOPS, "nominal CPU figure (not a utilisation)")
     assert peak_tflops(torch.device("cpu"), override=400.0)[0] == 400.0
     for name, expected in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
                            ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H200", 989.0), ("Some New GPU", 0.0)):
