@@ -1,6 +1,8 @@
 import json
 import sys
 
+import pytest
+
 from data_pipeline import annotate
 from data_pipeline.synthetic import make_shards
 from data_pipeline.tar_io import iter_samples, write_shard
@@ -32,8 +34,11 @@ def test_offline_default_adds_summary_and_no_objects(tmp_path, monkeypatch, caps
     argv = ["annotate", "--in", f"{tmp_path}/in-{{0000..0001}}.tar", "--out", str(out), "--processes", "1"]
     monkeypatch.setattr(sys, "argv", argv)
     annotate.main()
-    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"annotated_shards": 2, "skipped_existing": 0,
-                                                                    "samples": 10}
+    printed = capsys.readouterr()
+    assert json.loads(printed.out.splitlines()[-1]) == {
+        "annotated_shards": 2, "skipped_existing": 0, "samples": 10,
+        "levels": {"summary": 10, "objects": 0, "boxes": 0, "summary_is_caption": 0}}
+    assert printed.err.count("in 0 of 10 samples") == 2 and "objects in 0 of 10 samples" in printed.err
     before, after = list(iter_samples(f"{tmp_path}/in-0000.tar")), list(iter_samples(f"{out}/in-0000.tar"))
     assert [s.key for s in before] == [s.key for s in after]
     for old, new in zip(before, after):
@@ -98,3 +103,43 @@ def test_local_seq2seq_summarizer(tmp_path):
         assert summary != annotate.head_noun_phrase(caption)  # the model's, not the extractive default
         summaries.append(summary)
     assert len(set(summaries)) > 1, "the summaries should depend on the caption"
+
+
+def test_torchvision_detector_from_a_local_random_weights_file(tmp_path, capsys):
+    """The real detector path: a torchvision Faster R-CNN built with random weights (nothing downloaded), saved as
+    a state dict the way torchvision publishes its weights, loaded by file name; boxes and objects come out in
+    step, boxes normalised, labels from the class list."""
+    import torch
+    import torchvision
+
+    classes = ["__background__", "ball", "cup", "dog"]
+    (tmp_path / "classes.json").write_text(json.dumps(classes))
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None, weights_backbone=None,
+                                         num_classes=len(classes))
+    torch.save(model.state_dict(), tmp_path / "detector.pth")
+    make_shards(str(tmp_path / "raw"), 1, 3, image_size=48)
+    argv = ["--in", f"{tmp_path}/raw/shard-0000.tar", "--out", str(tmp_path / "out"), "--processes", "1",
+            "--detector", str(tmp_path / "detector.pth"), "--detector-arch", "fasterrcnn_mobilenet_v3_large_320_fpn",
+            "--detector-classes", str(tmp_path / "classes.json"), "--score-threshold", "0", "--max-objects", "4"]
+    annotate.main(argv)
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["samples"] == 3 and report["levels"]["objects"] == 3 and report["levels"]["boxes"] == 3
+    for sample in iter_samples(str(tmp_path / "out" / "shard-0000.tar")):
+        meta = json.loads(sample.fields["json"])
+        assert 1 <= len(meta["objects"]) == len(meta["boxes"]) <= 4
+        assert all(o["label"] in classes[1:] and o["attributes"] == [] for o in meta["objects"])
+        for x0, y0, x1, y1 in meta["boxes"]:
+            assert 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1
+    # what the trainer reads from them: boxes through the crop, object phrases for the text tower
+    from data_pipeline.transforms import SampleTransform, ViewConfig
+
+    sample = next(iter_samples(str(tmp_path / "out" / "shard-0000.tar")))
+    views = SampleTransform(ViewConfig(image_size=32, pyramid=True, global_scale=(1.0, 1.0)))(sample)
+    assert views["boxes_mask"].any() and views["objects"]
+
+    # a weights file that does not fit the architecture: one line naming the file
+    torch.save({"backbone.nope": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(SystemExit, match="wrong.pth do not fit fasterrcnn_mobilenet_v3_large_320_fpn with 4 classes"):
+        annotate.main([*argv[:3], str(tmp_path / "again"), *argv[4:6], "--detector", str(tmp_path / "wrong.pth"),
+                       *argv[8:]])
