@@ -22,6 +22,7 @@ from recipes import checkpointing, preemption, universal
 from recipes.config import Config, load_config, to_dict
 from recipes.engine import build_engine, deepspeed_config, init_distributed
 from recipes.evaluate import check_eval_sets, evaluate_live
+from recipes.level_check import warn_missing_levels
 from recipes.logger import RunLogger
 from recipes.metrics import StepMeter, peak_tflops, skip_metrics
 from recipes.step import reduce_metrics, train_step
@@ -92,7 +93,7 @@ def train(cfg: Config) -> int:
     logger = RunLogger(cfg.logging.dir, enabled=dist_info.is_main, total_steps=end, start_step=step,
                        use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project, config=to_dict(cfg),
                        progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
-    batches = endless(loader)
+    batches = warn_missing_levels(endless(loader), cfg.loss, dist_info.is_main, first=min(8, end - step))
     peak, peak_source = peak_tflops(dist_info.device, cfg.logging.peak_tflops,
                                     torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
     meter = StepMeter(train_flops_per_sample=count_flops(cfg.model, pyramid=cfg.loss.kind == "pyramid").train,
