@@ -5,6 +5,18 @@
     python -m recipes.evaluate --model M --set imagenet --root /data/imagenet/val
     python -m recipes.evaluate --model M --set coco --root /data/coco --annotations dataset_coco.json
 
+Labels (--set shards): each eval sample's JSON carries an integer `label`, the 0-based index of its class in
+`classnames` (a sample without one, or with -1, counts for retrieval only); the class names and prompt templates
+are read from classnames.json next to the first eval shard, or from --classnames PATH:
+    {"classnames": ["bird", "cat", ...], "templates": ["a photo of a {}.", "a drawing of a {}."]}
+Each template is formatted with a class name; the class embedding is the normalised mean over templates
+(--templates FILE, one per line, replaces them). `python -m data_pipeline.build_shards --val-fraction F
+--labels-from-folders` (or --label-column COL) writes both; docs/data.md shows the whole path.
+
+The results table gives a chance level per row and names its convention: zero-shot top-1 against always
+answering the majority class of the split, top-5 against a uniform guess (5/C for C classes), retrieval R@k
+against a uniform guess (k/N for N images; with several captions per image, image->text too).
+
 Offline from a consolidated model folder (weights, config, tokenizer), or live inside training from the engine
 (`evaluate_live`): every rank embeds its share of the eval set and the embeddings are all-gathered. Under ZeRO-3
 a forward gathers parameters collectively, so ranks run in lockstep: a rank whose share has run out runs a
@@ -211,17 +223,20 @@ def evaluate_live(module, tokenizer, cfg: EvalConfig, data_cfg, *, rank: int, wo
 
 
 def format_table(results: dict) -> str:
+    """The results as a table; each row's chance level says which convention it follows."""
     rows = []
     if "zeroshot_top1" in results:
-        rows += [("zero-shot top-1", results["zeroshot_top1"], results["zeroshot_chance_top1"]),
-                 ("zero-shot top-5", results["zeroshot_top5"], min(1.0, 5 / results["classes"]))]
+        classes = results["classes"]
+        rows += [("zero-shot top-1", results["zeroshot_top1"], results["zeroshot_chance_top1"], "majority class"),
+                 ("zero-shot top-5", results["zeroshot_top5"], min(1.0, 5 / classes), f"uniform, 5/{classes} classes")]
     if "image_to_text_R@1" in results:
         chance = results["retrieval_chance_R@1"]
-        rows += [(f"{name} R@{k}", results[f"{key}_R@{k}"], min(1.0, k * chance))
+        rows += [(f"{name} R@{k}", results[f"{key}_R@{k}"], min(1.0, k * chance),
+                  f"uniform, {k}/{results['images']} images")
                  for key, name in (("image_to_text", "image->text"), ("text_to_image", "text->image"))
                  for k in (1, 5)]
-    lines = [f"{'metric':<18}{'model':>8}{'chance':>8}", "-" * 34]
-    lines += [f"{name:<18}{100 * v:>7.1f}%{100 * c:>7.1f}%" for name, v, c in rows]
+    lines = [f"{'metric':<18}{'model':>8}{'chance':>8}  chance is", "-" * 48]
+    lines += [f"{name:<18}{100 * v:>7.1f}%{100 * c:>7.1f}%  {convention}" for name, v, c, convention in rows]
     if "samples" in results:
         lines.append(f"({results['samples']} held-out samples, {results['classes']} classes)")
     if "images" in results:
@@ -242,7 +257,8 @@ def main(argv=None) -> None:
     p.add_argument("--root", default="", help="image folder (image_folder, imagenet, coco, flickr30k)")
     p.add_argument("--annotations", default="", help="Karpathy split JSON (coco, flickr30k)")
     p.add_argument("--split", default="test", help="Karpathy split (coco, flickr30k)")
-    p.add_argument("--classnames", default="", help="JSON with classnames (+ templates); default: the set's own")
+    p.add_argument("--classnames", default="", help="JSON {classnames, templates}; default: the set's own "
+                   "(--set shards: classnames.json beside the first shard)")
     p.add_argument("--templates", default="", help="text file, one prompt template per line with {}")
     p.add_argument("--max-samples", type=int, default=0, help="evaluate N items spread over the set (0 = all)")
     p.add_argument("--batch-size", type=int, default=128)

@@ -183,3 +183,24 @@ def test_cli_missing_root_is_a_one_line_error(model_folder, tmp_path):
 
     with pytest.raises(SystemExit, match="root folder not found"):
         main(["--model", model_folder, "--set", "imagenet", "--root", str(tmp_path / "nope"), "--device", "cpu"])
+
+
+def test_table_names_the_chance_convention_of_each_row(tokenizer):
+    labels = [0] * 6 + [1, 2, 3, 4]  # majority class 0: 60%
+    results = evaluate(AgreeingTowers(tokenizer), tokenizer, class_batches(labels), CLASSES, TEMPLATES)
+    results.update({"images": 10, "texts": 10, "retrieval_chance_R@1": 0.1, **{
+        f"{d}_R@{k}": 0.5 for d in ("image_to_text", "text_to_image") for k in (1, 5)}})
+    rows = {line[:18].strip(): line[18:].split() for line in format_table(results).splitlines()[2:8]}
+    assert rows["zero-shot top-1"] == ["100.0%", "60.0%", "majority", "class"]
+    assert rows["zero-shot top-5"] == ["100.0%", "100.0%", "uniform,", "5/5", "classes"]
+    assert rows["image->text R@5"] == ["50.0%", "50.0%", "uniform,", "5/10", "images"]
+
+
+def test_help_documents_the_label_format(capsys):
+    from recipes.evaluate import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "integer `label`" in text and "classnames.json next to the first eval shard" in text
+    assert '"templates": [' in text and "majority class" in text
