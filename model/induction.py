@@ -96,17 +96,43 @@ def image_groups(per_layer: Sequence[tuple[Tensor, Tensor]], thresholds: Sequenc
     return [patch_groups(h, v, t) for (h, v), t in zip(per_layer, thresholds)]
 
 
-def overlay(image: np.ndarray, labels: Tensor, alpha: float = 0.45, seed: int = 0) -> np.ndarray:
-    """Tint each patch group of `image` [S, S, 3] uint8 with its own colour and draw group borders in white."""
-    s = image.shape[0]
-    g = labels.shape[0]
-    cell = s // g
-    label_map = np.kron(labels.numpy(), np.ones((cell, cell), dtype=np.int64))  # [g*cell, g*cell]
-    label_map = np.pad(label_map, ((0, s - label_map.shape[0]), (0, s - label_map.shape[1])), mode="edge")
-    palette = np.random.default_rng(seed).integers(0, 256, size=(int(labels.max()) + 1, 3))
-    out = (1 - alpha) * image.astype(np.float64) + alpha * palette[label_map]
-    border = np.zeros((s, s), dtype=bool)
-    border[:, 1:] |= label_map[:, 1:] != label_map[:, :-1]
-    border[1:, :] |= label_map[1:, :] != label_map[:-1, :]
-    out[border] = 255
+# Tableau's 10 categorical colours: far apart from each other, and readable over a photo at 45% opacity.
+PALETTE = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)], dtype=np.uint8)
+
+
+def group_colours(labels: Tensor) -> np.ndarray:
+    """[groups, 3] uint8: a palette colour per group such that touching groups differ (greedy map colouring in
+    label order; a group whose neighbours already hold every colour takes the least used among them)."""
+    grid = labels.numpy()
+    n = int(grid.max()) + 1
+    touching: list[set[int]] = [set() for _ in range(n)]
+    for a, b in ((grid[:, 1:], grid[:, :-1]), (grid[1:, :], grid[:-1, :])):
+        for u, v in zip(a[a != b].tolist(), b[a != b].tolist()):
+            touching[u].add(v)
+            touching[v].add(u)
+    colour = np.full(n, -1)
+    for group in range(n):
+        taken = [int(colour[v]) for v in touching[group] if colour[v] >= 0]
+        free = [c for c in range(len(PALETTE)) if c not in taken]
+        colour[group] = free[0] if free else min(range(len(PALETTE)), key=taken.count)
+    return PALETTE[colour]
+
+
+def overlay(image: np.ndarray, labels: Tensor, alpha: float = 0.45) -> np.ndarray:
+    """Tint each patch group of `image` [S, S, 3] uint8 with its own colour and outline the groups in black.
+
+    The [g, g] group map is scaled to any S (nearest patch); outlines are S // 128 pixels wide (at least 1)."""
+    s, g = image.shape[0], labels.shape[0]
+    patch = np.arange(s) * g // s
+    label_map = labels.numpy()[patch[:, None], patch[None, :]]  # [S, S]
+    out = (1 - alpha) * image.astype(np.float64) + alpha * group_colours(labels)[label_map]
+    edge = np.zeros((s, s), dtype=bool)
+    edge[:, 1:] |= label_map[:, 1:] != label_map[:, :-1]
+    edge[1:, :] |= label_map[1:, :] != label_map[:-1, :]
+    border = edge.copy()
+    for shift in range(1, max(1, s // 128)):  # thicken towards the lower right
+        border[shift:, :] |= edge[:-shift, :]
+        border[:, shift:] |= edge[:, :-shift]
+    out[border] = 0
     return out.round().clip(0, 255).astype(np.uint8)

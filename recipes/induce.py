@@ -6,7 +6,9 @@ for images.
 
 --model is a consolidated model folder (weights, config.json and the tokenizer files). Writes OUT/trees.txt
 (each caption, then its bracketed tree over BPE tokens) and OUT/<image name>/layer_<l>.png, the image tinted
-by its patch groups at each layer (layer 1 is the lowest).
+by its patch groups at each layer (layer 1 is the lowest), each group in its own colour and outlined in black.
+Overlays are drawn on the original image resized and centre-cropped as the model saw it, at --overlay-size
+pixels (default 256; never below the model's input size), so that a 64 px model's groups stay visible.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from data_pipeline.tokenizer import Tokenizer
-from data_pipeline.transforms import CLIP_MEAN, CLIP_STD, SampleTransform, ViewConfig, decode_rgb
+from data_pipeline.transforms import SampleTransform, ViewConfig, decode_rgb
 from model.clip import CLIP
 from model.induction import TEXT_THRESHOLD, image_groups, overlay, parse_tree
 from model.pretrained import load_pretrained
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-threshold", type=float, default=TEXT_THRESHOLD)
     parser.add_argument("--image-thresholds", type=lambda s: [float(t) for t in s.split(",")], default=None,
                         help="comma-separated θ per vision layer, lowest first (default: SPEC §1.3)")
+    parser.add_argument("--overlay-size", type=int, default=256, help="side of the overlay PNGs in pixels")
     args = parser.parse_args(argv)
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
@@ -81,9 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(lines))
     if args.images:
         preprocess = SampleTransform(ViewConfig(image_size=cfg.vision.image_size, train=False)).global_view
-        images = torch.stack([preprocess(decode_rgb(Path(p).read_bytes())) for p in args.images])
-        mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-        shown = ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        decoded = [decode_rgb(Path(p).read_bytes()) for p in args.images]
+        images = torch.stack([preprocess(image) for image in decoded])
+        size = max(args.overlay_size, cfg.vision.image_size)
+        # the same resize + centre crop as the model's view, at the overlay's size
+        shown = [v2.functional.center_crop(v2.functional.resize(image, size, v2.InterpolationMode.BICUBIC, antialias=True), size).permute(1, 2, 0)
+                 .numpy() for image in decoded]
         for path, picture, layers in zip(args.images, shown, image_group_maps(model, images, args.image_thresholds)):
             folder = out / Path(path).stem
             folder.mkdir(exist_ok=True)

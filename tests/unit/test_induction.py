@@ -8,7 +8,7 @@ from PIL import Image
 
 from model.clip import CLIP
 from model.config import PRESETS
-from model.induction import IMAGE_THRESHOLDS_12, image_groups, image_thresholds, overlay, parse_tree, patch_groups
+from model.induction import IMAGE_THRESHOLDS_12, group_colours, image_groups, image_thresholds, overlay, parse_tree, patch_groups
 
 WORDS = ["the", "dog", "chased", "the", "cat"]
 LINKS = [
@@ -56,13 +56,25 @@ def test_image_groups_use_one_threshold_per_layer():
 
 
 def test_overlay_tints_groups_and_draws_borders():
-    image = np.zeros((12, 12, 3), dtype=np.uint8)
+    image = np.full((12, 12, 3), 255, dtype=np.uint8)
     labels = torch.tensor([[0, 1, 1], [0, 1, 1], [0, 0, 0]])
     out = overlay(image, labels)
     assert out.shape == image.shape and out.dtype == np.uint8
-    assert (out[0, 4] == 255).all()  # the first pixel of patch (0, 1) borders group 0
-    assert not (out[1, 1] == 255).all()  # inside patch (0, 0)
-    assert (out[1, 1] == out[10, 10]).all()  # one colour per group
+    assert (out[0, 4] == 0).all()  # the first pixel of patch (0, 1) borders group 0: a black outline
+    assert not (out[1, 1] == 0).all()  # inside patch (0, 0)
+    assert (out[1, 1] == out[10, 10]).all() and not (out[1, 1] == out[1, 10]).all()  # one colour per group
+
+
+def test_overlay_scales_the_group_map_and_keeps_touching_groups_apart():
+    labels = torch.arange(64).reshape(8, 8)
+    out = overlay(np.full((256, 256, 3), 255, dtype=np.uint8), labels)
+    assert (out[:, 32:34] == 0).all() and not (out[:, 34] == 0).all()  # outlines 256 // 128 = 2 px wide
+    inside = out[16::32, 16::32].astype(int)  # one pixel inside each of the 64 groups, [8, 8, 3]
+    for a, b in ((inside[:, 1:], inside[:, :-1]), (inside[1:], inside[:-1])):
+        assert np.abs(a - b).sum(-1).min() >= 25  # touching groups: clearly different tints
+    rings = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 2, 0], [0, 0, 0, 0]])
+    colours = group_colours(rings)
+    assert colours.shape == (3, 3) and len({tuple(c) for c in colours}) == 3
 
 
 def test_induce_cli_writes_trees_and_layer_overlays(tmp_path):
@@ -90,4 +102,4 @@ def test_induce_cli_writes_trees_and_layer_overlays(tmp_path):
         assert tree.replace("(", "").replace(")", "").split() == words
     overlays = sorted((out / "square").glob("layer_*.png"))
     assert [p.name for p in overlays] == [f"layer_{i:02d}.png" for i in range(1, 5)]
-    assert Image.open(overlays[0]).size == (64, 64)
+    assert Image.open(overlays[0]).size == (256, 256)  # the 64 px model input, shown at a readable size
