@@ -1,4 +1,4 @@
-"""Consolidate a ZeRO-2/3 checkpoint into a model folder: safetensors weights, config.json, tokenizer files.
+r"""Consolidate a ZeRO-2/3 checkpoint into a model folder: safetensors weights, config.json, tokenizer files.
 
     python -m recipes.convert --checkpoint runs/demo/checkpoints --out runs/demo/model [--tag step_200] \
         [--dtype bf16] [--max-shard-mb 2000] [--open-clip runs/demo/open_clip.pt]

@@ -1,4 +1,4 @@
-"""Induce hierarchies with a trained HiCLIP model (SPEC §1.3): constituency trees for captions, patch groups
+r"""Induce hierarchies with a trained HiCLIP model (SPEC §1.3): constituency trees for captions, patch groups
 for images.
 
     python -m recipes.induce --model runs/demo/model --captions "a dog on a red couch" "two apples" \
