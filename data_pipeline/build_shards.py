@@ -22,7 +22,8 @@ next to the first eval shard. Without a split, labels give OUT/classnames.json.
   sorted order of their names.
 - Transparency: images with an alpha channel are composited onto --background (default white; any PIL
   colour, e.g. black or "#808080"; "none" keeps the alpha, which the reader then drops) and stored as PNG.
-- Shard numbers have 4 digits (as the demo's), more from 10,000 shards on; stats.json gives the brace pattern.
+- Shard numbers have 4 digits (as the demo's), more from 10,000 shards on; stats.json gives the brace pattern
+  (the file name when there is one shard).
 Shards are planned deterministically; each is written atomically, so a re-run skips the shards that exist
 and only builds the rest. Samples whose image is missing or whose header does not parse, or whose caption is
 empty, are skipped and counted.
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageColor
 from tqdm import tqdm
 
+from data_pipeline.config import DEFAULT_TEMPLATES
 from data_pipeline.tar_io import IMAGE_EXTENSIONS, image_extension, iter_samples, write_shard
 
 STATS_DIR = "_stats"
@@ -330,7 +332,8 @@ def build(records: list[Record], out: str, samples_per_shard: int, processes: in
         "bytes": sum(s["bytes"] for s in per_shard),
         "skipped": dict(skipped),
         "alpha_composited": sum(s.get("alpha_composited", 0) for s in per_shard),
-        "pattern": f"{prefix}-{{{0:0{names.digits}d}..{last}}}.tar" if plan else "",
+        "pattern": (f"{prefix}-{{{0:0{names.digits}d}..{last}}}.tar" if len(plan) > 1
+                    else os.path.basename(names.shard(0)) if plan else ""),
         "per_shard": per_shard,
     }
     with open(stats_path, "w") as f:
@@ -392,8 +395,6 @@ def main(argv=None) -> None:
             if bad:
                 raise ValueError(f"--templates {args.templates}: line {bad[0]!r} has no {{}} for the class name")
         else:
-            from data_pipeline.eval_sets import DEFAULT_TEMPLATES
-
             templates = list(DEFAULT_TEMPLATES)
         report = {}
         for name, part in splits.items():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Zero-shot prompts for class names that come without their own (image folders, build_shards' classnames.json).
+DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
+
 
 @dataclass
 class SourceConfig:

@@ -33,14 +33,13 @@ from typing import Literal, get_args
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DEFAULT_TEMPLATES, DataConfig
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.transforms import IMAGE_EXTENSIONS, SampleTransform, ViewConfig, decode_rgb
 
 ZEROSHOT_DIR = Path(__file__).parent / "zeroshot"
 Kind = Literal["shards", "animal_mnist", "image_folder", "imagenet", "coco", "flickr30k"]
 KINDS: tuple[str, ...] = get_args(Kind)
-DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
 
 
 @dataclass

@@ -47,9 +47,10 @@ def missing_level_warnings(batches: list[dict], loss: LossConfig) -> list[str]:
 
 
 def warn_missing_levels(batches: Iterator[dict], loss: LossConfig, enabled: bool = True,
-                        first: int = 8) -> Iterator[dict]:
-    """Pass `batches` through; after the first `first` of them, log `missing_level_warnings` once (on this rank's
-    batches: they are a sample of the same shards as every other rank's)."""
+                        first: int = 1) -> Iterator[dict]:
+    """Pass `batches` through; once the first `first` have been seen, log `missing_level_warnings` once, before
+    the first step trains on them. One batch of this rank's is a fair sample: the shards are shuffled at build
+    time and again by the reader, and every rank reads the same shards."""
     seen: list[dict] = []
     for batch in batches:
         if enabled and len(seen) < first:

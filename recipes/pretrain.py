@@ -93,7 +93,7 @@ def train(cfg: Config) -> int:
     logger = RunLogger(cfg.logging.dir, enabled=dist_info.is_main, total_steps=end, start_step=step,
                        use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project, config=to_dict(cfg),
                        progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
-    batches = warn_missing_levels(endless(loader), cfg.loss, dist_info.is_main, first=min(8, end - step))
+    batches = warn_missing_levels(endless(loader), cfg.loss, enabled=dist_info.is_main)
     peak, peak_source = peak_tflops(dist_info.device, cfg.logging.peak_tflops,
                                     torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
     meter = StepMeter(train_flops_per_sample=count_flops(cfg.model, pyramid=cfg.loss.kind == "pyramid").train,
