@@ -243,3 +243,26 @@ def test_labels_from_a_table_column(tmp_path):
     with pytest.raises(SystemExit, match="bird/03.png: no value in label column 'kind'"):
         run_main("--images", tmp_path / "images", "--captions", tmp_path / "gap.parquet", "--out", tmp_path / "x",
                  "--label-column", "kind")
+
+
+def test_labels_from_img2dataset_json_in_its_tar_shards(tmp_path):
+    from data_pipeline.tar_io import write_shard
+
+    (tmp_path / "i2d").mkdir()
+    for t in range(2):  # img2dataset's webdataset layout, its JSON holding a saved additional column
+        samples = []
+        for i in range(6):
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(buffer, format="JPEG")
+            samples.append({"__key__": f"{t:05d}{i:04d}", "jpg": buffer.getvalue(), "txt": f"thing {t} {i}",
+                            "json": json.dumps({"url": f"http://x/{t}/{i}", "category": CATEGORIES[i % 3]})})
+        write_shard(str(tmp_path / "i2d" / f"{t:05d}.tar"), samples)
+    out = tmp_path / "out"
+    run_main("--img2dataset", tmp_path / "i2d", "--out", out, "--label-column", "category", "--val-fraction", 0.5)
+    assert json.load(open(out / "eval" / "classnames.json"))["classnames"] == list(CATEGORIES[:3])
+    for split in ("train", "eval"):
+        samples = shard_samples(out / split)
+        assert len(samples) == 6
+        for sample in samples:
+            meta = json.loads(sample.fields["json"])
+            assert meta["label"] == CATEGORIES.index(meta["category"]) and meta["url"].startswith("http://x/")
