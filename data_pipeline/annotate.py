@@ -120,6 +120,7 @@ class DetectorConfig:
     classes: str = ""  # JSON list of class names by id; "" = the arch's own (COCO)
     score_threshold: float = 0.5
     max_objects: int = 10
+    device: str = "auto"  # auto = cuda when available
 
 
 def detector_classes(cfg: DetectorConfig) -> list[str]:
@@ -156,12 +157,14 @@ def torchvision_detector(cfg: DetectorConfig) -> Callable:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"detector weights {cfg.path} do not fit {cfg.arch} with {len(classes)} classes: {first}") from e
-    model.eval()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    model.eval().to(device)
 
     @torch.no_grad()
     def detect(image) -> list[dict]:
         w, h = image.size
-        found = model([TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)])[0]
+        found = model([TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True).to(device)])[0]
+        found = {k: v.cpu() for k, v in found.items()}
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         out = []
         for box, label, score in zip(found["boxes"], found["labels"].tolist(), found["scores"].tolist()):
@@ -250,10 +253,11 @@ def main(argv=None) -> None:
     parser.add_argument("--detector-classes", default="", help="JSON list of class names by class id")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     parser.add_argument("--max-objects", type=int, default=10, help="detections kept per image")
+    parser.add_argument("--device", default="auto", help="detector device: auto (cuda when available), cpu, cuda:1")
     parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args(argv)
     detector = DetectorConfig(args.detector, args.detector_arch, args.detector_classes, args.score_threshold,
-                              args.max_objects)
+                              args.max_objects, args.device)
     if detector.path and not os.path.isfile(detector.path):
         sys.exit(f"error: detector not found: {detector.path}")
     os.makedirs(args.out, exist_ok=True)
