@@ -91,6 +91,10 @@ class ModelConfig:
     dropout: float = 0.0  # residual-branch dropout in every block
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
+    # Warm start (model/interop.py): a fresh run starts from these weights; a resumed run ignores them.
+    init_from: str = ""  # our consolidated folder, an open_clip .safetensors / .pt, or a Hugging Face CLIP folder
+    init_format: Literal["auto", "ours", "open_clip", "hf"] = "auto"  # auto: told apart by the files
+    init_priors: Literal["random", "uniform"] = "random"  # HiCLIP priors the source lacks (docs/method.md §1.5)
 
     def __post_init__(self) -> None:
         require(self.embed_dim >= 1, "embed_dim", self.embed_dim, "≥ 1")

@@ -27,6 +27,7 @@ from model.config_tree import ConfigError, build, require, suggest
 from model.losses import LossConfig
 from recipes.evaluate import EvalConfig
 from recipes.grad_cache import GradCacheConfig
+from recipes.optim import LockConfig, TowerLRConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "to_dict"]
 
@@ -48,6 +49,8 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
     ds_config: str = "ds_configs/zero3.json"
+    lock: LockConfig = field(default_factory=LockConfig)  # LiT: frozen towers or blocks (recipes/optim.py)
+    tower_lr: TowerLRConfig = field(default_factory=TowerLRConfig)  # per-tower LR and layer-wise decay
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "≥ 1")

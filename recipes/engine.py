@@ -6,17 +6,20 @@ The only file that turns our config into a DeepSpeed config; the JSON in ds_conf
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
 import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from model.clip import CLIP
 from recipes import ds_patches
 from recipes.config import Config, ConfigError
+from recipes.optim import build_optimizer, group_table
+from recipes.warm_start import load_warm_start
+
+log = logging.getLogger("hiclip")
 
 
 @dataclass
@@ -86,38 +89,20 @@ def model_init_context(ds: dict):
     return deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No decay on gains, biases, embeddings and the temperature (as CLIP does)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 params are empty outside forward
-        flat = ndim < 2 or "embed" in name or "token" in name or "logit_scale" in name
-        (no_decay if flat else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_engine(cfg: Config, ds: dict):
-    """The model (built partitioned under ZeRO-3), AdamW with CLIP's decay groups and the warm-up + cosine
-    schedule, wrapped in a DeepSpeed engine. Seed the RNG first: it sets the initial weights."""
+def build_engine(cfg: Config, ds: dict, warm_start: bool = True):
+    """The model (built partitioned under ZeRO-3, then warm-started from `model.init_from` unless resuming),
+    AdamW over recipes/optim.py's groups and schedule, wrapped in a DeepSpeed engine. Seed the RNG first: it
+    sets the initial weights of whatever the warm start does not load."""
     import deepspeed
 
     ds_patches.fp32_grad_norms()
     with model_init_context(ds):
         model = CLIP(cfg.model)
-    t = cfg.train
-    optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-        fused=True,  # one kernel over all parameters (CUDA and CPU); the per-tensor loop makes temporaries
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, t.warmup_steps, t.steps))
+    if warm_start and cfg.model.init_from:
+        # Before deepspeed.initialize: the engine's fp32 master partitions are copied from these values.
+        load_warm_start(model, cfg.model)
+    optimizer, schedule = build_optimizer(model, cfg.train)
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("parameter groups:\n%s", group_table(model, optimizer.param_groups))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds)
     return engine

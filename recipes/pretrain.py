@@ -67,7 +67,9 @@ def train(cfg: Config) -> int:
     ds = deepspeed_config(cfg)
     if resume and resume.reshard:  # another world size: load through a universal checkpoint
         universal.enable(ds)
-    engine = build_engine(cfg, ds)
+    engine = build_engine(cfg, ds, warm_start=resume is None)  # on resume the checkpoint wins over model.init_from
+    if resume and cfg.model.init_from and dist_info.is_main:
+        log.info("model.init_from %s ignored: resuming from %s", cfg.model.init_from, resume.tag)
     seed_everything(cfg.train.seed + dist_info.rank)  # rank-distinct dropout / augmentation streams
 
     tokenizer = Tokenizer(cfg.model.text.context_length)

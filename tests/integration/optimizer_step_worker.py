@@ -20,8 +20,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 from model.clip import CLIP
 from model.losses import compute_loss
 from recipes.config import load_config
-from recipes.engine import (build_engine, cosine_with_warmup, deepspeed_config, init_distributed, param_groups,
-                            zero_stage)
+from recipes.engine import build_engine, deepspeed_config, init_distributed, zero_stage
+from recipes.optim import cosine_with_warmup, param_groups
 from recipes.step import split_levels, train_step
 from tests.unit.test_pyramid_model import pyramid_batch, small_config
 
