@@ -87,6 +87,12 @@ class Tokenizer:
         with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump({"context_length": self.context_length, "sot_id": SOT_ID, "eot_id": EOT_ID, "pad_id": PAD_ID}, f)
 
+    def save_transformers(self, folder: str) -> None:
+        """The same BPE as a transformers tokenizer folder (tokenizer.json + config), for `AutoTokenizer`.
+        It pads with <end_of_text>, as transformers' CLIP does; the ids up to and including it are ours."""
+        self._hf.model_max_length = self.context_length
+        self._hf.save_pretrained(folder)
+
     @classmethod
     def from_folder(cls, folder: str) -> "Tokenizer":
         with open(os.path.join(folder, VOCAB_FILE), encoding="utf-8") as f:

@@ -142,7 +142,8 @@ def open_clip_config(cfg: ModelConfig) -> dict:
 
 def hf_clip_config(cfg: ModelConfig) -> dict:
     """transformers `CLIPConfig(**config)` of the same architecture: exact GELU (HF's default is quick_gelu),
-    LayerNorm eps 1e-5, pooling at the first <end_of_text> (= our argmax: it has the largest id)."""
+    LayerNorm eps 1e-5, pooling at the first <end_of_text>: the vocabulary's last id (49407 in CLIP's), so
+    the same position as our argmax."""
     v, t = cfg.vision, cfg.text
     return {
         "projection_dim": cfg.embed_dim,
@@ -150,7 +151,8 @@ def hf_clip_config(cfg: ModelConfig) -> dict:
         "text_config": {"vocab_size": t.vocab_size, "hidden_size": t.width, "intermediate_size": int(t.width * t.mlp_ratio),
                         "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
                         "max_position_embeddings": t.context_length, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
-                        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+                        "bos_token_id": t.vocab_size - 2, "eos_token_id": t.vocab_size - 1,
+                        "pad_token_id": t.vocab_size - 1,
                         "projection_dim": cfg.embed_dim},
         "vision_config": {"hidden_size": v.width, "intermediate_size": int(v.width * v.mlp_ratio),
                           "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "image_size": v.image_size,

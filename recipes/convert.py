@@ -23,6 +23,7 @@ import torch
 
 from data_pipeline.tokenizer import Tokenizer
 from model.config import ModelConfig, model_config_from_dict
+from model.interop import export_state, open_clip_config
 from model.pretrained import save_pretrained
 from recipes.checkpointing import CheckpointError, resolve_tag
 
@@ -46,54 +47,9 @@ def consolidate(ckpt_dir: str, out: str, tag: str = "latest", dtype: str = "fp32
 
 # ----------------------------------------------------------------------------------------- open_clip export
 
-def open_clip_config(cfg: ModelConfig) -> dict:
-    """The open_clip `CLIP(**config)` arguments of the same architecture (GELU, pre-LN, CLS and argmax pooling)."""
-    v, t = cfg.vision, cfg.text
-    return {
-        "embed_dim": cfg.embed_dim,
-        "quick_gelu": False,
-        "vision_cfg": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
-                       "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio},
-        "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
-                     "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio},
-    }
-
-
 def to_open_clip(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename (and transpose the projections of) a vanilla CLIP state dict into open_clip's layout.
-    PyramidCLIP's region branch has no open_clip counterpart and is left out."""
-    if cfg.vision.attention != "vanilla" or cfg.text.attention != "vanilla" or not cfg.text.causal:
-        raise ValueError("only the vanilla CLIP (vanilla attention in both towers, causal text) has an open_clip "
-                         f"equivalent; this model has vision.attention={cfg.vision.attention!r}, "
-                         f"text.attention={cfg.text.attention!r}, text.causal={cfg.text.causal}")
-    block_names = {"ln_1": "ln_1", "ln_2": "ln_2", "attn.qkv.weight": "attn.in_proj_weight",
-                   "attn.qkv.bias": "attn.in_proj_bias", "attn.out": "attn.out_proj", "mlp.fc": "mlp.c_fc",
-                   "mlp.proj": "mlp.c_proj"}
-    top_names = {"logit_scale": "logit_scale", "visual.cls_token": "visual.class_embedding",
-                 "visual.pos_embed": "visual.positional_embedding", "visual.patch_embed.weight": "visual.conv1.weight",
-                 "visual.ln_pre": "visual.ln_pre", "visual.ln_post": "visual.ln_post",
-                 "text.token_embed.weight": "token_embedding.weight", "text.pos_embed": "positional_embedding",
-                 "text.ln_final": "ln_final"}
-    out = {}
-    for name, tensor in state.items():
-        tower, _, rest = name.partition(".")
-        if name in ("visual.proj.weight", "text.proj.weight"):  # nn.Linear [out, in] -> open_clip's x @ P, [in, out]
-            out["visual.proj" if tower == "visual" else "text_projection"] = tensor.t().contiguous()
-        elif name == "logit_scale":
-            out[name] = tensor.reshape(())  # shape [1] here (ZeRO cannot hold 0-d parameters), a scalar there
-        elif rest.startswith("transformer.blocks."):
-            index, _, leaf = rest.removeprefix("transformer.blocks.").partition(".")
-            prefix = "visual.transformer" if tower == "visual" else "transformer"
-            key = next(k for k in block_names if leaf.startswith(k))
-            out[f"{prefix}.resblocks.{index}.{block_names[key]}{leaf.removeprefix(key)}"] = tensor
-        elif name.startswith("visual.regions."):
-            continue
-        else:
-            key = next((k for k in top_names if name == k or name.startswith(k + ".")), None)
-            if key is None:
-                raise ValueError(f"no open_clip counterpart for parameter {name!r}")
-            out[top_names[key] + name.removeprefix(key)] = tensor
-    return out
+    """A vanilla CLIP state dict in open_clip's layout (model/interop.py holds the key table)."""
+    return export_state(state, cfg, "open_clip")
 
 
 def export_open_clip(model_folder: str | Path, out: str | Path) -> Path:
@@ -109,6 +65,59 @@ def export_open_clip(model_folder: str | Path, out: str | Path) -> Path:
     return out
 
 
+# ------------------------------------------------------------------------------------ Hugging Face export
+
+def export_hf(model_folder: str | Path, out: str | Path, model_class: str = "auto") -> Path:
+    """From a consolidated folder: a transformers folder with the tokenizer and the image processor, so
+    `pipeline("zero-shot-image-classification", model=out)` runs offline.
+
+    model_class `clip`: transformers' own `CLIPModel` (vanilla attention only; PyramidCLIP's region branch is
+    left out, as in the open_clip export), loadable with no code of ours. `hiclip`: our model whole behind
+    `model.hf.HiCLIPModel` (`import model.hf`, then `AutoModel.from_pretrained`). `auto`: clip where possible.
+    Written without instantiating a model: the config through transformers, the weights renamed tensor by
+    tensor into one safetensors file (peak memory: one copy of the weights).
+    """
+    from safetensors.torch import save_file
+
+    from model.interop import check_exportable, hf_clip_config
+    from model.pretrained import CONFIG_NAME, load_state_dict
+
+    cfg = model_config_from_dict(json.loads(Path(model_folder, CONFIG_NAME).read_text()))
+    if model_class == "auto":
+        vanilla = cfg.vision.attention == cfg.text.attention == "vanilla" and cfg.text.causal
+        model_class = "clip" if vanilla else "hiclip"
+    if model_class == "clip":
+        check_exportable(cfg, "transformers CLIPModel")
+    state = {k: v.float() for k, v in load_state_dict(model_folder).items()}
+    out = Path(out)
+    if model_class == "clip":
+        from transformers import CLIPConfig
+
+        CLIPConfig(**hf_clip_config(cfg)).save_pretrained(out)
+        weights = export_state(state, cfg, "hf")
+    else:
+        import dataclasses
+
+        from model.hf import HiCLIPConfig
+
+        HiCLIPConfig(model=dataclasses.asdict(cfg)).save_pretrained(out)
+        weights = {f"model.{k}": v for k, v in state.items()}
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    Tokenizer(cfg.text.context_length).save_transformers(out)
+    _image_processor(cfg.vision.image_size).save_pretrained(out)
+    return out
+
+
+def _image_processor(size: int):
+    """Our eval preprocessing in transformers' terms: bicubic resize of the short side, centre crop, CLIP mean/std."""
+    from transformers import CLIPImageProcessor
+
+    from data_pipeline.transforms import CLIP_MEAN, CLIP_STD
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (holds the tags and 'latest')")
@@ -117,11 +126,16 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--max-shard-mb", type=int, default=0, help="split weights into shards of this size (0: one file)")
     p.add_argument("--open-clip", default="", help="also write an open_clip state dict here (vanilla CLIP only)")
+    p.add_argument("--hf", default="", help="also write a Hugging Face transformers folder here (docs/interop.md)")
+    p.add_argument("--hf-class", choices=("auto", "clip", "hiclip"), default="auto",
+                   help="--hf: transformers' CLIPModel (vanilla only), our HiCLIPModel, or CLIPModel where possible")
     args = p.parse_args(argv)
     try:
         out = consolidate(args.checkpoint, args.out, args.tag, args.dtype, args.max_shard_mb)
         if args.open_clip:
             print(f"wrote {export_open_clip(out, args.open_clip)}")
+        if args.hf:
+            print(f"wrote {export_hf(out, args.hf, args.hf_class)}")
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}")
