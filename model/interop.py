@@ -210,6 +210,15 @@ class Source:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
 
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        """key[start:stop] along the first dimension, reading only those rows."""
+        if self._state is not None:
+            return self._state[key][start:stop]
+        from safetensors import safe_open
+
+        with safe_open(str(self._files[key]), framework="pt") as f:
+            return f.get_slice(key)[start:stop]
+
     def get(self, key: str) -> Tensor:
         if self._state is not None:
             return self._state[key].clone()  # out of the memory map: the caller owns it
@@ -257,6 +266,23 @@ class WarmStart:
             return torch.zeros(self.uniform[name])
         where = self.loaded[name]
         return where.to_ours([self.source.get(k) for k in where.keys])
+
+    @torch.no_grad()
+    def copy_into(self, name: str, dst: Tensor, chunk_elements: int = 2**22) -> None:
+        """dst ← the target value of `name`, read in row chunks where the layouts agree row for row (all but
+        the small transposed projections): the caller then holds `dst` plus one chunk, not two copies."""
+        where = self.loaded.get(name)
+        if where is None or where.kind not in ("same", "split3") or dst.dim() == 0:
+            dst.copy_(self.tensor(name).reshape(dst.shape))
+            return
+        offset = 0
+        for key in where.keys:
+            shape = self.source.shape(key)
+            step = max(1, chunk_elements // max(1, math.prod(shape[1:])))
+            for start in range(0, shape[0], step):
+                part = self.source.rows(key, start, min(start + step, shape[0]))
+                dst[offset + start: offset + start + len(part)].copy_(part)
+            offset += shape[0]
 
     def table(self, numel: Callable[[str], int]) -> str:
         """One table: status, tensors, parameters, key patterns (block indices folded into `*`)."""

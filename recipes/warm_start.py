@@ -3,7 +3,7 @@
 Under ZeRO-3 the model is already partitioned: module by module, its own parameters are gathered, rank 0
 writes the source values (read one tensor at a time) and DeepSpeed re-partitions them from rank 0
 (`GatheredParameters(modifier_rank=0)`). No rank ever holds more than one module's full parameters plus one
-source tensor beyond its own partition. Without ZeRO-3 every rank holds the whole model anyway and reads the
+chunk of source rows beyond its own partition (bench/warm_start.py measures it). Without ZeRO-3 every rank holds the whole model anyway and reads the
 same values itself. A resumed run never gets here: the checkpoint wins (recipes/pretrain.py).
 """
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -50,7 +49,6 @@ def load_warm_start(model: nn.Module, cfg: ModelConfig) -> WarmStart:
     return plan
 
 
-@torch.no_grad()
 def _assign(plan: WarmStart, params: list[tuple[str, nn.Parameter]]) -> None:
     for name, p in params:
-        p.copy_(plan.tensor(name).to(p.dtype))
+        plan.copy_into(name, p.data)

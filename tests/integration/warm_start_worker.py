@@ -5,7 +5,7 @@
 Two engines in one process, both warm-started through recipes.engine.build_engine: `free` (nothing locked) and
 `locked` (the overrides' train.lock). Rank 0 writes one JSON object: whether every loaded parameter equals the
 source exactly at step 0 (the gathered module parameter and the optimizer's fp32 master), the peak private
-memory (RssAnon) each rank added inside the warm start, the fp32 size of the model and of its largest module,
+memory (RssAnon) and resident memory (RssAnon + RssFile) each rank added inside the warm start, the fp32 size of the model and of its largest module,
 each rank's optimizer-state bytes for both engines after STEPS steps, the locked share, and whether after STEPS steps the locked
 parameters are bit-identical to step 0 while the others moved. Also used by bench/warm_start.py at larger sizes.
 """
@@ -29,38 +29,44 @@ from recipes.step import train_step
 BATCH = 4
 
 
-def rss_anon() -> int:
+def rss_kb() -> dict[str, int]:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("RssAnon", "RssFile")}
 
 
-class PeakAnon:
-    """Peak private (anonymous) resident memory above the level at entry, sampled every millisecond."""
+class PeakRss:
+    """Peak resident memory above the level at entry, sampled every millisecond: private (anonymous) pages,
+    and private + file-backed (memory-mapped source files, which the kernel can drop)."""
 
     def __enter__(self):
-        self.base = self.peak = rss_anon()
+        self.base = rss_kb()
+        self.anon = self.total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon())
+        while True:
+            now = rss_kb()
+            self.anon = max(self.anon, 1024 * (now["RssAnon"] - self.base["RssAnon"]))
+            self.total = max(self.total, 1024 * (sum(now.values()) - sum(self.base.values())))
+            if self._stop.is_set():
+                return
             time.sleep(0.001)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_anon())
-        self.delta = self.peak - self.base
 
 
-def gathered(engine) -> dict[str, torch.Tensor]:
+def gathered(engine, keep: bool) -> dict[str, torch.Tensor]:
+    """Full parameters; a collective under ZeRO-3 (every rank, one order), kept only where `keep`."""
     out = {}
-    for name, p in engine.module.named_parameters():  # a collective under ZeRO-3: every rank, one order
+    for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-            out[name] = p.detach().clone()
+            if keep:
+                out[name] = p.detach().clone()
     return out
 
 
@@ -98,9 +104,9 @@ def main(out_json: str, ds_config: str, source: str, steps: int, overrides: list
     original = engine_module.load_warm_start
 
     def measured(model, mcfg):
-        with PeakAnon() as peak:
+        with PeakRss() as peak:
             plan = original(model, mcfg)
-        peaks["anon"] = peak.delta
+        peaks["anon"], peaks["total"] = peak.anon, peak.total
         return plan
 
     engine_module.load_warm_start = measured
@@ -112,13 +118,14 @@ def main(out_json: str, ds_config: str, source: str, steps: int, overrides: list
     # Step 0 against the source, read independently of the warm start's own reads.
     plan = plan_warm_start({n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in free.module.named_parameters()},
                            Source(source), "random")
-    start = gathered(locked)
+    main_rank = info.rank == 0
+    start = gathered(locked, main_rank)
     exact_module = all(torch.equal(t.reshape(plan.tensor(n).shape), plan.tensor(n))
-                       for n, t in gathered(free).items() if n in plan.loaded)
+                       for n, t in gathered(free, main_rank).items() if n in plan.loaded)
     exact_master = True
     for name, p in free.module.named_parameters():
         master = safe_get_full_fp32_param(p)  # collective under ZeRO-3
-        if name in plan.loaded:
+        if main_rank and name in plan.loaded:
             exact_master &= torch.equal(master.reshape(plan.tensor(name).shape), plan.tensor(name))
     sizes = {n: math.prod(getattr(p, "ds_shape", p.shape)) for n, p in free.module.named_parameters()}
     module_sizes = {}
@@ -129,10 +136,11 @@ def main(out_json: str, ds_config: str, source: str, steps: int, overrides: list
     for batch in batches(cfg_locked, info.rank, steps):  # both: Adam allocates its moments at the first step
         train_step(free, batch, cfg_free.loss)
         train_step(locked, batch, cfg_locked.loss)
-    after = gathered(locked)
+    after = gathered(locked, main_rank)
     bytes_per_rank = [None] * info.world_size
     dist.all_gather_object(bytes_per_rank, {"free": optimizer_state_bytes(free), "locked": optimizer_state_bytes(locked),
-                                            "warm_start_peak_anon": peaks["anon"]})
+                                            "warm_start_peak_anon": peaks["anon"],
+                                            "warm_start_peak_rss": peaks["total"]})
     if info.rank == 0:
         result = {
             "world_size": info.world_size,
