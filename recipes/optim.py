@@ -194,7 +194,8 @@ def group_table(model: nn.Module, groups: list[dict]) -> str:
     """The parameter groups as printed at start: peak LR, decay, size, members; then what is locked."""
     rows = [("group", "peak lr", "lr scale", "weight decay", "tensors", "params", "members")]
     for i, g in enumerate(groups):
-        rows.append((str(i), f"{g['lr']:.4g}", f"{g['lr_scale']:.4g}", f"{g['weight_decay']:g}", str(len(g["params"])),
+        peak = g.get("initial_lr", g["lr"])  # the schedule keeps the peak here and moves g["lr"]
+        rows.append((str(i), f"{peak:.4g}", f"{g['lr_scale']:.4g}", f"{g['weight_decay']:g}", str(len(g["params"])),
                      f"{sum(_numel(p) for p in g['params']):,}", g["name"]))
     locked = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
     if locked:
