@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from model.config_tree import require
+
 if TYPE_CHECKING:
     from recipes.config import TrainConfig
 
@@ -40,8 +42,7 @@ class TowerLock:
     unlocked_norms: bool = False  # every LayerNorm of the tower stays trainable (gains and biases are cheap)
 
     def __post_init__(self):
-        if self.unlocked_blocks < 0:
-            raise ValueError(f"train.lock.*.unlocked_blocks must be >= 0, got {self.unlocked_blocks}")
+        require(self.unlocked_blocks >= 0, "unlocked_blocks", self.unlocked_blocks, "≥ 0")
 
 
 @dataclass
@@ -58,10 +59,8 @@ class TowerLR:
     layer_decay: float = 1.0  # 1 = no decay; EVA-CLIP uses 0.75-0.9
 
     def __post_init__(self):
-        if self.scale < 0:
-            raise ValueError(f"train.tower_lr.*.scale must be >= 0, got {self.scale}")
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"train.tower_lr.*.layer_decay must be in (0, 1], got {self.layer_decay}")
+        require(self.scale >= 0, "scale", self.scale, "≥ 0")
+        require(0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "in (0, 1]")
 
 
 @dataclass

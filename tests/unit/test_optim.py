@@ -101,12 +101,14 @@ def test_everything_locked_is_an_error():
 
 
 def test_bad_values_name_the_key():
-    from recipes.optim import TowerLock, TowerLR
+    from recipes.config import ConfigError
 
-    with pytest.raises(ValueError, match="layer_decay must be in"):
-        TowerLR(layer_decay=1.5)
-    with pytest.raises(ValueError, match="unlocked_blocks must be >= 0"):
-        TowerLock(unlocked_blocks=-1)
+    with pytest.raises(ConfigError, match=r"train\.tower_lr\.text: layer_decay must be in \(0, 1\], got 1\.5"):
+        _cfg("train.tower_lr.text.layer_decay=1.5")
+    with pytest.raises(ConfigError, match=r"train\.lock\.visual: unlocked_blocks must be ≥ 0, got -1"):
+        _cfg("train.lock.visual.unlocked_blocks=-1")
+    with pytest.raises(ConfigError, match=r"train\.lock\.visual\.mode must be one of none \| all \| all_but_last"):
+        _cfg("train.lock.visual.mode=some")
 
 
 def test_apply_lock_counts():
