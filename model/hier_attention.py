@@ -17,14 +17,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # the prior module imports this one
-    from model.hier_prior import ConstituentPrior
+from model.constituent_prior import ConstituentPrior
 
 log = logging.getLogger("hiclip.model")
 

@@ -25,8 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from model.hier_prior import ConstituentPrior, group_log_prior, tree_log_prior
-
+from model.constituent_prior import ConstituentPrior, group_log_prior, tree_log_prior
 
 
 @triton.jit

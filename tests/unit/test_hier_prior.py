@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from model.config import HierConfig
-from model.hier_prior import (GroupPrior, TreePrior, break_cost, exclusive_cumsum, group_log_prior,
-                              group_prior_reference, tree_log_prior, tree_prior_reference)
+from model.constituent_prior import group_log_prior, group_prior_reference, tree_log_prior, tree_prior_reference
+from model.hier_prior import GroupPrior, TreePrior, break_cost, exclusive_cumsum
 from model.transformer import Transformer
 
 
