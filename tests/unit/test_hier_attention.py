@@ -1,6 +1,7 @@
 """Hierarchy-aware attention: the efficient CPU path against the reference, gradcheck, dispatch, and training."""
 import dataclasses
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -112,13 +113,88 @@ def _check_triton_against_reference(seed: int) -> None:
         check_fp16_over_several_tiles(triton_attention, mode)
 
 
-def test_triton_kernel_matches_reference_under_interpreter():
-    seed = torch.seed() % 2**31
+def _check_triton_packed_qkv() -> None:
+    """q, k, v as the transformer passes them: views of one packed qkv, strides (3NW, hd, 3W, 1).
+
+    The gradients must be written with their own strides, not the views': with q's strides the writes of dq
+    run past a tight buffer (glibc aborted with heap corruption before the fix).
+    """
+    from model.kernels.hier_attention_triton import triton_attention
+
+    heads, head_dim = 2, 16
+    for case in ("text_causal_padded", "vision_cls_grid"):
+        make, n, lengths, causal = CASES[case]
+        for mode in ("multiply", "bias"):
+            torch.manual_seed(0)
+            module = make(HierConfig(prior_mode=mode, sigma=4.0))
+            with torch.no_grad():  # only q, k, v take gradients here
+                _, prior = module(torch.randn(3, n, 32), None, padding(lengths, n))
+            packed = torch.randn(3, n, 3 * heads * head_dim)
+            grads = {}
+            for name, attend in (("reference", reference_attention), ("triton", triton_attention)):
+                qkv = packed.clone().requires_grad_()
+                q, k, v = (t.transpose(1, 2) for t in qkv.view(3, n, 3, heads, head_dim).unbind(2))
+                assert q.stride() == (3 * n * heads * head_dim, head_dim, 3 * heads * head_dim, 1)
+                out = attend(q, k, v, prior, causal=causal)
+                (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+                grads[name] = {"out": out.detach(), "qkv": qkv.grad}
+            assert_relative_close(grads["triton"], grads["reference"], 1e-4, f"(packed qkv, {case}, {mode})")
+
+
+def _check_triton_multiply_beyond_exp_range() -> None:
+    """Multiply mode with β past 95 (three links of 1e-15): past 88.7, e^{log C} outside the sequence overflowed."""
+    from model.constituent_prior import ConstituentPrior
+    from model.hier_prior import break_cost, exclusive_cumsum
+    from model.kernels.hier_attention_triton import triton_attention
+
+    n = 20  # a partial tile: keys 20..63 lie outside the sequence
+    links = torch.full((2, n - 1), 0.9)
+    links[:, 5:15:4] = 1e-15
+    beta = exclusive_cumsum(break_cost(links, None), dim=1)
+    assert beta.max() > 95
+    prior = ConstituentPrior("tree", "multiply", "triton", links, beta=beta)
+    q, k, v = torch.randn(3, 2, 2, n, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    results = {}
+    for name, attend in (("sdpa", sdpa_attention), ("triton", triton_attention)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves, prior, causal=False)
+        out.square().sum().backward()
+        results[name] = {"out": out.detach(), **{key: t.grad for key, t in zip("qkv", leaves)}}
+    for name, value in results["triton"].items():
+        assert torch.isfinite(value).all(), f"{name}: {(~torch.isfinite(value)).sum()} non-finite entries"
+    assert_relative_close(results["triton"], results["sdpa"], 1e-4, "(multiply, β = 95)")
+
+
+def _run_interpreted(function: str, *args) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    code = f"import tests.unit.test_hier_attention as t; t._check_triton_against_reference({seed})"
+    code = f"import tests.unit.test_hier_attention as t; t.{function}{args!r}"
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, f"exit code {result.returncode}: " + result.stderr[-4000:]
+
+
+def test_triton_kernel_matches_reference_under_interpreter():
+    _run_interpreted("_check_triton_against_reference", torch.seed() % 2**31)
+
+
+def test_triton_kernel_with_packed_qkv_views_under_interpreter():
+    _run_interpreted("_check_triton_packed_qkv")
+
+
+def test_triton_multiply_mode_beyond_exp_range_under_interpreter():
+    _run_interpreted("_check_triton_multiply_beyond_exp_range")
+
+
+def test_interpreter_runs_the_gpu_tile_configuration():
+    """The interpreter tests run the tiles a GPU runs: only the upcast of 16-bit inputs differs."""
+    from model.kernels.hier_attention_triton import kernel_constants
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for head_dim in (64, 128):
+            gpu, interpreted = (kernel_constants(dtype, head_dim, "group", "multiply", False, False, True, (14, 14),
+                                                 interpreting) for interpreting in (False, True))
+            assert {key for key in gpu if gpu[key] != interpreted[key]} <= {"UPCAST"}
+            assert gpu["PRECISION"] == ("ieee" if dtype == torch.float32 else "tf32")  # no TF32 on fp32 inputs
 
 
 def test_multiply_is_not_renormalised_and_bias_is():
