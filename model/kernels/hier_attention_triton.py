@@ -17,6 +17,7 @@ to fp32 after loading when UPCAST (always under TRITON_INTERPRET=1, whose bf16 a
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import NamedTuple
@@ -291,16 +292,16 @@ class TileConfig(NamedTuple):
 
 
 def tile_config(dtype: torch.dtype, head_dim: int) -> TileConfig:
-    """The one table of launch options, checked for sm_80 and sm_90 by tests/unit/test_kernels_aot.py.
+    """The one table of launch options, compiled for sm_80 and sm_90 by tests/unit/test_kernels_aot.py.
 
     One software-pipelining stage: with more, the pipeliner keeps the group prior's four table gathers in shared
-    memory once per stage, past an A100's 163 KiB (bf16, d = 64, backward) and an H100's 227 KiB (fp32).
-    fp32 runs IEEE dots on CUDA cores (TF32 would miss a 1e-4 tolerance), whose operands live in registers:
-    32-wide tiles keep them from spilling.
+    memory once per stage, past an A100's 163 KiB (bf16, d = 64, backward) and an H100's 227 KiB (fp32). Eight
+    warps: with four, the gathers and index tiles spill 0.7–3 KB per thread. fp32 runs IEEE dots on CUDA cores
+    (TF32 would miss a 1e-4 tolerance), whose operands live in registers: 32-wide tiles keep them from spilling.
     """
     if dtype == torch.float32:
-        return TileConfig(block=32, num_warps=4, num_stages=1)
-    return TileConfig(block=64, num_warps=4, num_stages=1)
+        return TileConfig(block=32, num_warps=8, num_stages=1)
+    return TileConfig(block=64, num_warps=8, num_stages=1)
 
 
 def kernel_constants(dtype: torch.dtype, head_dim: int, kind: str, mode: str, causal: bool, has_lengths: bool,
@@ -393,3 +394,32 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, prior: ConstituentPrior, *
         return _HierAttention.apply(q, k, v, prior.beta, None, prior.lengths, "tree", False, causal, prior.mode)
     return _HierAttention.apply(q, k, v, prior.row_cost, prior.col_cost, None, "group", prior.has_cls, causal,
                                 prior.mode)
+
+
+# What the launcher can pick: tree (text, padded; causal or not) and group (vision, with CLS) priors, both modes,
+# fp32 and 16-bit inputs, the head dims of the presets. Compiled for sm_80 and sm_90 on the CPU by
+# model/kernels/aot.py. Unpadded text and a grid without CLS drop loads from these; the grid shape is a
+# constexpr too, and ViT-B/16's 14×14 stands for all (it sizes no tile).
+AOT_VARIANTS = {"tree": [(True, True, False), (False, True, False)],  # (causal, has_lengths, has_cls)
+                "group": [(False, False, True)]}
+
+
+def compile_specs(dtypes=(torch.float32, torch.bfloat16, torch.float16), head_dims=(64, 128), kinds=("tree", "group"),
+                  modes=("multiply", "bias")):
+    from model.kernels.aot import KernelSpec
+
+    for dtype, head_dim, kind, mode in itertools.product(dtypes, head_dims, kinds, modes):
+        for causal, has_lengths, has_cls in AOT_VARIANTS[kind]:
+            grid_hw = (1, 77) if kind == "tree" else (14, 14)
+            constexprs = kernel_constants(dtype, head_dim, kind, mode, causal, has_lengths, has_cls, grid_hw, False)
+            tile = tile_config(dtype, head_dim)
+            flags = "".join(name for name, on in (("causal", causal), ("padded", has_lengths), ("cls", has_cls)) if on)
+            for fn in (_fwd_kernel, _bwd_kv_kernel, _bwd_q_kernel):
+                pointers = {name: dtype for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr",
+                                                     "dv_ptr")}
+                pointers |= {name: torch.float32 for name in ("lse_ptr", "delta_ptr", "db_ptr", "t_ptr", "r_ptr",
+                                                              "c_ptr")}
+                pointers["len_ptr"] = torch.int32
+                label = f"{fn.__name__} {kind} {mode} {str(dtype)[6:]} d{head_dim} {flags or '-'}"
+                yield KernelSpec(label, fn, constexprs, {k: v for k, v in pointers.items() if k in fn.arg_names},
+                                 ("scale",), tile.num_warps, tile.num_stages)
