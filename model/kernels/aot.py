@@ -103,10 +103,15 @@ def all_specs() -> list[KernelSpec]:
     return [*hier_attention_triton.compile_specs(), *contrastive_triton.compile_specs()]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     """Print shared memory, registers and spills of every spec on sm_80 and sm_90, then one JSON line."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="python -m model.kernels.aot [--skip float16]")
+    parser.add_argument("--skip", action="append", default=[], help="leave out specs whose label contains this")
+    args = parser.parse_args(argv)
     rows = []
-    for spec in all_specs():
+    for spec in (s for s in all_specs() if not any(word in s.label for word in args.skip)):
         for capability in SHARED_LIMIT:
             usage = compile_for(spec, capability)
             rows.append({"kernel": spec.label, "sm": capability, **usage._asdict()})
