@@ -24,12 +24,14 @@ def non_splittable(prev: Tensor | None, fresh: Tensor) -> Tensor:
     return fresh if prev is None else prev + (1.0 - prev) * fresh
 
 
-def pair_link(p_forward: Tensor, p_backward: Tensor, edge_valid: Tensor | None) -> Tensor:
-    """â = sqrt(p_{u→v} · p_{v→u}), exactly 0 on invalid edges (with a finite gradient: sqrt'(0) is infinite)."""
-    product = p_forward * p_backward
-    if edge_valid is None:
-        return product.sqrt()
-    return torch.where(edge_valid, torch.where(edge_valid, product, 1.0).sqrt(), 0.0)
+def pair_link(logp_forward: Tensor, logp_backward: Tensor, edge_valid: Tensor | None) -> Tensor:
+    """â = sqrt(p_{u→v} · p_{v→u}) from log-probabilities, exactly 0 on invalid edges.
+
+    As exp(½(log p + log p')): a saturated softmax (score gap ≳ 100 in fp32) makes p exactly 0, where sqrt'(0) is
+    infinite and the gradient NaN; log p stays finite there, and so does every derivative.
+    """
+    link = torch.exp(0.5 * (logp_forward + logp_backward))
+    return link if edge_valid is None else torch.where(edge_valid, link, 0.0)
 
 
 def break_cost(links: Tensor, edge_valid: Tensor | None) -> Tensor:
@@ -40,9 +42,10 @@ def break_cost(links: Tensor, edge_valid: Tensor | None) -> Tensor:
 
 
 def exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
-    """[.., n-1, ..] edge costs -> [.., n, ..] cumulative costs starting at 0."""
-    zero = torch.zeros_like(x.narrow(dim, 0, 1))
-    return torch.cat([zero, x.cumsum(dim)], dim=dim)
+    """[.., n-1, ..] edge costs -> [.., n, ..] cumulative costs starting at 0 (n = 1: no edges, one zero)."""
+    shape = list(x.shape)
+    shape[dim] = 1
+    return torch.cat([x.new_zeros(shape), x.cumsum(dim)], dim=dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,8 +104,8 @@ class TreePrior(_NeighbourScorer):
             left_real = nn.functional.pad(real[:, :-1], (1, 0), value=False)
             right_real = nn.functional.pad(real[:, 1:], (0, 1), value=False)
             scores = scores.masked_fill(~torch.stack([left_real, right_real], dim=-1), _ABSENT)
-        p = scores.softmax(-1)  # (p_{i,i-1}, p_{i,i+1})
-        fresh = pair_link(p[:, :-1, 1], p[:, 1:, 0], edge_valid)
+        logp = scores.log_softmax(-1)  # log (p_{i,i-1}, p_{i,i+1})
+        fresh = pair_link(logp[:, :-1, 1], logp[:, 1:, 0], edge_valid)
         links = non_splittable(prev_links, fresh)
         beta = exclusive_cumsum(break_cost(links, edge_valid), dim=1)
         lengths = None if key_padding_mask is None else (~key_padding_mask).sum(-1)
@@ -139,9 +142,9 @@ class GroupPrior(_NeighbourScorer):
             pad(west, (1, 0), value=_ABSENT),
             pad(east, (0, 1), value=_ABSENT),
         ], dim=-1)
-        p = scores.softmax(-1)
-        fresh_h = pair_link(p[:, :, :-1, 3], p[:, :, 1:, 2], None)
-        fresh_v = pair_link(p[:, :-1, :, 1], p[:, 1:, :, 0], None)
+        logp = scores.log_softmax(-1)
+        fresh_h = pair_link(logp[:, :, :-1, 3], logp[:, :, 1:, 2], None)
+        fresh_v = pair_link(logp[:, :-1, :, 1], logp[:, 1:, :, 0], None)
         prev_h, prev_v = prev_links if prev_links is not None else (None, None)
         horizontal, vertical = non_splittable(prev_h, fresh_h), non_splittable(prev_v, fresh_v)
         row_cost = exclusive_cumsum(break_cost(horizontal, None), dim=2)  # [B, H, W]

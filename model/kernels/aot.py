@@ -108,10 +108,10 @@ def main(argv=None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="python -m model.kernels.aot [--skip float16]")
-    parser.add_argument("--skip", action="append", default=[], help="leave out specs whose label contains this")
+    parser.add_argument("--skip", action="append", default=[], help="leave out specs whose label has this word")
     args = parser.parse_args(argv)
     rows = []
-    for spec in (s for s in all_specs() if not any(word in s.label for word in args.skip)):
+    for spec in (s for s in all_specs() if not set(args.skip) & set(s.label.split())):
         for capability in SHARED_LIMIT:
             usage = compile_for(spec, capability)
             rows.append({"kernel": spec.label, "sm": capability, **usage._asdict()})

@@ -27,8 +27,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_BLOCK = 64  # rows, columns and embedding channels per tile, on a GPU and in the interpreter alike
-_NUM_WARPS, _NUM_STAGES = 4, 2
 _TARGET_PROGRAMS = 256  # column splits fill about two waves of an H100's 132 SMs ...
 _MAX_SPLITS = 16  # ... but each holds a [B, d] fp32 partial of A
 
@@ -135,20 +133,36 @@ def _lse_bwd_cols_kernel(X, Y, SCALE, VALID, LSE, GRAD, C, B, N, D, stride_x, st
             tl.debug_barrier()
 
 
+def _tiles(dtype: torch.dtype) -> tuple[int, int, int]:
+    """(block: rows, columns and channels per tile; warps; pipeline stages), on a GPU and in the interpreter alike.
+
+    Checked for sm_80 / sm_90 by tests/unit/test_kernels_aot.py. fp32 runs IEEE dots on CUDA cores with operands
+    in registers: 64-wide tiles spilled 1-15 KB per thread, 32-wide ones at most 220 B. 16-bit: tensor-core dots,
+    8 warps (4 spilled up to 0.9 KB).
+    """
+    return (32, 4, 2) if dtype == torch.float32 else (64, 8, 2)
+
+
 def _constants(dtype: torch.dtype, masked_logit: float | None = None) -> dict:
     """Compile-time parameters, the same on a GPU and under the interpreter but for UPCAST."""
+    block = _tiles(dtype)[0]
     constants = dict(UPCAST=dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
                      PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                     BLOCK_M=_BLOCK, BLOCK_N=_BLOCK, BLOCK_D=_BLOCK)
+                     BLOCK_M=block, BLOCK_N=block, BLOCK_D=block)
     return constants if masked_logit is None else {"MASKED": masked_logit, **constants}
 
 
-def _column_splits(rows: int, columns: int) -> tuple[int, int]:
+def _launch(dtype: torch.dtype) -> dict:
+    _, warps, stages = _tiles(dtype)
+    return dict(num_warps=warps, num_stages=stages)
+
+
+def _column_splits(rows: int, columns: int, block: int) -> tuple[int, int]:
     """(splits, columns per split, a multiple of the block) for the grids that walk the columns."""
-    col_blocks = max(1, triton.cdiv(columns, _BLOCK))
-    wanted = min(_MAX_SPLITS, col_blocks, max(1, triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(rows, _BLOCK))))
+    col_blocks = max(1, triton.cdiv(columns, block))
+    wanted = min(_MAX_SPLITS, col_blocks, max(1, triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(rows, block))))
     per_split = triton.cdiv(col_blocks, wanted)
-    return triton.cdiv(col_blocks, per_split), per_split * _BLOCK
+    return triton.cdiv(col_blocks, per_split), per_split * block
 
 
 def _prepare(rows: Tensor, cols: Tensor, scale: Tensor, valid: Tensor):
@@ -166,12 +180,13 @@ def lse_forward(rows: Tensor, cols: Tensor, scale: Tensor, valid: Tensor, masked
     """lse [B] fp32 of the scaled logits rows @ colsᵀ, columns where `valid` is False set to `masked_logit`."""
     rows, cols, scale, valid = _prepare(rows, cols, scale, valid)
     (batch, dim), total = rows.shape, cols.shape[0]
-    splits, split_cols = _column_splits(batch, total)
+    block = _tiles(rows.dtype)[0]
+    splits, split_cols = _column_splits(batch, total, block)
     run_max = torch.empty(splits, batch, dtype=torch.float32, device=rows.device)
     run_sum = torch.empty_like(run_max)
-    _lse_fwd_kernel[(triton.cdiv(batch, _BLOCK), splits)](
+    _lse_fwd_kernel[(triton.cdiv(batch, block), splits)](
         rows, cols, scale, valid, run_max, run_sum, batch, total, dim, rows.stride(0), cols.stride(0), split_cols,
-        **_constants(rows.dtype, masked_logit), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+        **_constants(rows.dtype, masked_logit), **_launch(rows.dtype))
     top = run_max.max(0).values  # finite: every split has at least one column, masked ones at a finite logit
     return top + (run_sum * (run_max - top).exp()).sum(0).log()
 
@@ -182,14 +197,15 @@ def lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, valid: Tensor, lse: 
     in_rows, in_cols = rows, cols
     rows, cols, scale, valid = _prepare(rows, cols, scale, valid)
     (batch, dim), total = rows.shape, cols.shape[0]
-    splits, split_cols = _column_splits(batch, total)
+    block = _tiles(rows.dtype)[0]
+    splits, split_cols = _column_splits(batch, total, block)
     g_y = torch.zeros(splits, batch, dim, dtype=torch.float32, device=rows.device)
     g_t_x = torch.zeros(total, dim, dtype=torch.float32, device=rows.device)
     args = (rows, cols, scale, valid, lse.float().contiguous(), grad_lse.float().contiguous())
-    launch = dict(**_constants(rows.dtype), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
-    _lse_bwd_rows_kernel[(triton.cdiv(batch, _BLOCK), splits)](
+    launch = dict(**_constants(rows.dtype), **_launch(rows.dtype))
+    _lse_bwd_rows_kernel[(triton.cdiv(batch, block), splits)](
         *args, g_y, batch, total, dim, rows.stride(0), cols.stride(0), g_y.stride(1), split_cols, **launch)
-    _lse_bwd_cols_kernel[(triton.cdiv(total, _BLOCK),)](
+    _lse_bwd_cols_kernel[(triton.cdiv(total, block),)](
         *args, g_t_x, batch, total, dim, rows.stride(0), cols.stride(0), g_t_x.stride(0), **launch)
     g_y = g_y.sum(0) if splits > 1 else g_y[0]
     # ds = Σ_ij G_ij ⟨x_i, y_j⟩ = Σ_i ⟨(G Y)_i, x_i⟩: O(B·d), no extra pass over the logits.
@@ -210,4 +226,4 @@ def compile_specs(dtypes=(torch.float32, torch.bfloat16, torch.float16)):
                         "SUM": torch.float32, "LSE": torch.float32, "GRAD": torch.float32, "A": torch.float32,
                         "C": torch.float32}
             yield KernelSpec(f"{fn.__name__} {str(dtype)[6:]}", fn, constants,
-                             {k: v for k, v in pointers.items() if k in fn.arg_names}, (), _NUM_WARPS, _NUM_STAGES)
+                             {k: v for k, v in pointers.items() if k in fn.arg_names}, (), *_tiles(dtype)[1:])

@@ -1,4 +1,5 @@
 """Hierarchy-aware attention: the efficient CPU path against the reference, gradcheck, dispatch, and training."""
+import copy
 import dataclasses
 import logging
 import math
@@ -39,7 +40,7 @@ def forward_backward(attend, module, x, q, k, v, pad, causal, seed=1):
     links, _ = module(x, None, pad)
     _, prior = module(x.flip(1), links, pad)  # a second layer: the non-splittable update is on the path
     out = attend(q, k, v, prior, causal=causal)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)  # same in fp64
     (out * weights).sum().backward()
     return {"out": out, "q": q.grad, "k": k.grad, "v": v.grad, "x": x.grad,
             **{name: p.grad.clone() for name, p in module.named_parameters()}}
@@ -81,6 +82,51 @@ def check_fp16_over_several_tiles(attend, mode: str) -> None:
     got = forward_backward(attend, module, x, q.half(), k.half(), v.half(), pad, True)
     assert got["out"].dtype == got["q"].dtype == torch.float16
     assert_relative_close(got, want, 5e-3, f"(fp16, {mode})")
+
+
+def check_saturated_prior(attend, kind: str, mode: str, dtype=torch.float32) -> None:
+    """A first layer whose neighbour scores are ~300 apart (softmaxes saturate, links exactly 0 or 1 in fp32),
+    under a second, ordinary one. Output and every gradient (q, k, v, block input, both priors' parameters)
+    finite; those of the output, q, k, v, the input and the second prior equal to float64's."""
+    from tests.unit.test_hier_prior import _saturating_inputs
+
+    torch.manual_seed(0)
+    cfg = HierConfig(prior_mode=mode, sigma=4.0)
+    if kind == "text":
+        make, n, pad, causal = (lambda: TreePrior(32, cfg=cfg)), 13, padding([13, 9], 13), True
+    else:
+        make, n, pad, causal = (lambda: GroupPrior(32, grid=(4, 3), has_cls=True, cfg=cfg)), 13, None, False
+    saturated, ordinary = make(), make()
+    x = _saturating_inputs(saturated, n)
+    _, q, k, v = random_inputs(n, batch=2)
+    with torch.no_grad():
+        links, _ = saturated(x, None, pad)
+    flat = torch.cat([t.flatten() for t in (links if kind == "vision" else (links,))])
+    assert (flat == 0).any() and (flat == 1).any(), "the inputs must saturate links to exactly 0 and 1 in fp32"
+
+    def run(modules, x, q, k, v):
+        first, second = modules
+        for module in modules:
+            module.zero_grad()
+        x, q, k, v = (t.detach().clone().requires_grad_() for t in (x, q, k, v))
+        links, _ = first(x, None, pad)
+        _, prior = second(x.flip(1), links, pad)
+        out = attend(q, k, v, prior, causal=causal)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        (out * weights).sum().backward()
+        grads = {"out": out, "q": q.grad, "k": k.grad, "v": v.grad, "x": x.grad}
+        grads.update({f"second.{name}": p.grad.clone() for name, p in second.named_parameters()})
+        return grads, {name: p.grad.clone() for name, p in first.named_parameters()}
+
+    modules_64 = [copy.deepcopy(m).double() for m in (saturated, ordinary)]
+    want, _ = run(modules_64, x.double(), q.double(), k.double(), v.double())
+    got, first_grads = run([saturated, ordinary], x, *(t.to(dtype) for t in (q, k, v)))
+    for name, value in {**got, **first_grads}.items():
+        assert torch.isfinite(value).all(), f"{name}: {(~torch.isfinite(value)).sum()} non-finite ({kind}, {mode})"
+    assert all(torch.isfinite(value).all() for value in want.values())
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert_relative_close(got, {name: value.float() for name, value in want.items()}, tolerance,
+                          f"(saturated, {kind}, {mode}, {dtype})")
 
 
 @pytest.mark.parametrize("mode", ["multiply", "bias"])
@@ -165,6 +211,15 @@ def _check_triton_multiply_beyond_exp_range() -> None:
     assert_relative_close(results["triton"], results["sdpa"], 1e-4, "(multiply, β = 95)")
 
 
+def _check_triton_saturated_prior() -> None:
+    from model.kernels.hier_attention_triton import triton_attention
+
+    for kind in ("text", "vision"):
+        for mode in ("multiply", "bias"):
+            for dtype in (torch.float32, torch.bfloat16):
+                check_saturated_prior(triton_attention, kind, mode, dtype)
+
+
 def _run_interpreted(function: str, *args) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     code = f"import tests.unit.test_hier_attention as t; t.{function}{args!r}"
@@ -183,6 +238,10 @@ def test_triton_kernel_with_packed_qkv_views_under_interpreter():
 
 def test_triton_multiply_mode_beyond_exp_range_under_interpreter():
     _run_interpreted("_check_triton_multiply_beyond_exp_range")
+
+
+def test_triton_saturated_prior_under_interpreter():
+    _run_interpreted("_check_triton_saturated_prior")
 
 
 def test_interpreter_runs_the_gpu_tile_configuration():

@@ -245,8 +245,8 @@ def _check_triton_against_dense() -> None:
     from model.kernels.contrastive_triton import _column_splits
 
     torch.manual_seed(0)
-    # Ragged against the 64-wide blocks a GPU runs too, in every dimension; the columns in 5 splits, merged.
-    assert _column_splits(150, 300) == (5, 64)
+    # Ragged against the blocks a GPU runs too (32 fp32, 64 bf16), in every dimension; the columns split, merged.
+    assert _column_splits(150, 300, 32) == (10, 32) and _column_splits(150, 300, 64) == (5, 64)
     for alpha, masked, dtype in ((0.0, False, torch.float32), (0.2, True, torch.float32), (0.2, True, torch.bfloat16)):
         batch, total, dim = 150, 300, 96
         rows = F.normalize(torch.randn(batch, dim), dim=-1).to(dtype)
