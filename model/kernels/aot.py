@@ -20,24 +20,13 @@ from typing import NamedTuple
 
 import torch
 
+from model.kernels.launch_spec import KernelSpec
+
 SHARED_LIMIT = {80: 166_912, 90: 232_448}  # bytes of shared memory one block may use (A100, H100)
 MAX_REGISTERS = 255  # per thread, on both targets
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
                  torch.uint8: "u8"}
-
-
-class KernelSpec(NamedTuple):
-    """One compilation: a @triton.jit function, its constexprs, the element type of each pointer argument
-    (by name; the others are fp32 or i32 scalars as listed in `floats`) and the launch options."""
-
-    label: str
-    fn: object
-    constexprs: dict
-    pointers: dict  # argument name -> torch dtype it points to
-    floats: tuple  # names of fp32 scalar arguments
-    num_warps: int
-    num_stages: int
 
 
 class Usage(NamedTuple):
@@ -99,8 +88,9 @@ def compile_for(spec: KernelSpec, capability: int) -> Usage:
 
 def all_specs() -> list[KernelSpec]:
     from model.kernels import contrastive_triton, hier_attention_triton
+    from model.losses import MASKED_LOGIT
 
-    return [*hier_attention_triton.compile_specs(), *contrastive_triton.compile_specs()]
+    return [*hier_attention_triton.compile_specs(), *contrastive_triton.compile_specs(MASKED_LOGIT)]
 
 
 def main(argv=None) -> None:

@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from model.kernels.launch_spec import KernelSpec
+
 _TARGET_PROGRAMS = 256  # column splits fill about two waves of an H100's 132 SMs ...
 _MAX_SPLITS = 16  # ... but each holds a [B, d] fp32 partial of A
 
@@ -213,14 +215,11 @@ def lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, valid: Tensor, lse: 
     return g_y.mul_(scale).to(in_rows.dtype), g_t_x.mul_(scale).to(in_cols.dtype), grad_scale
 
 
-def compile_specs(dtypes=(torch.float32, torch.bfloat16, torch.float16)):
-    """Everything the launchers above can pick, for model/kernels/aot.py (MASKED is the loss's one constant)."""
-    from model.kernels.aot import KernelSpec
-    from model.losses import MASKED_LOGIT
-
+def compile_specs(masked_logit: float, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
+    """Everything the launchers above can pick, for model/kernels/aot.py (MASKED: the loss's one constant)."""
     for dtype in dtypes:
         for fn in (_lse_fwd_kernel, _lse_bwd_rows_kernel, _lse_bwd_cols_kernel):
-            constants = _constants(dtype, MASKED_LOGIT if fn is _lse_fwd_kernel else None)
+            constants = _constants(dtype, masked_logit if fn is _lse_fwd_kernel else None)
             constants["UPCAST"] = dtype == torch.float32
             pointers = {"X": dtype, "Y": dtype, "SCALE": torch.float32, "VALID": torch.uint8, "MAX": torch.float32,
                         "SUM": torch.float32, "LSE": torch.float32, "GRAD": torch.float32, "A": torch.float32,

@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from model.constituent_prior import ConstituentPrior, group_log_prior, tree_log_prior
+from model.kernels.launch_spec import KernelSpec
 
 
 @triton.jit
@@ -406,8 +407,6 @@ AOT_VARIANTS = {"tree": [(True, True, False), (False, True, False)],  # (causal,
 
 def compile_specs(dtypes=(torch.float32, torch.bfloat16, torch.float16), head_dims=(64, 128), kinds=("tree", "group"),
                   modes=("multiply", "bias")):
-    from model.kernels.aot import KernelSpec
-
     for dtype, head_dim, kind, mode in itertools.product(dtypes, head_dims, kinds, modes):
         for causal, has_lengths, has_cls in AOT_VARIANTS[kind]:
             grid_hw = (1, 77) if kind == "tree" else (14, 14)

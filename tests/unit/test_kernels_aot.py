@@ -15,6 +15,7 @@ import torch
 
 from model.kernels import contrastive_triton, hier_attention_triton
 from model.kernels.aot import MAX_REGISTERS, SHARED_LIMIT, compile_for
+from model.losses import MASKED_LOGIT
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +23,7 @@ SPILL_BUDGET = 1024  # bytes of spill stores per thread: a few local-memory roun
 
 SPECS = [
     *hier_attention_triton.compile_specs(dtypes=(torch.float32, torch.bfloat16), kinds=("group",), modes=("multiply",)),
-    *contrastive_triton.compile_specs(dtypes=(torch.float32, torch.bfloat16)),
+    *contrastive_triton.compile_specs(MASKED_LOGIT, dtypes=(torch.float32, torch.bfloat16)),
 ]
 
 
