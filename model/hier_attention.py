@@ -17,14 +17,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # the prior module imports this one
-    from model.hier_prior import ConstituentPrior
+from model.constituent_prior import ConstituentPrior
 
 log = logging.getLogger("hiclip.model")
 
@@ -53,8 +50,10 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, prior: ConstituentPrior
     allowed = allowed_pairs(q.shape[-2], prior.lengths, causal, q.device)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if prior.mode == "bias":
-        # C is 0 only towards padding, which is masked below; log(1) there keeps the gradient finite.
-        scores = scores + (c if allowed is None else torch.where(allowed, c, 1.0)).log()
+        # C is 0 towards padding, which is masked below (log 1 there), and across a link that underflowed to 0:
+        # log of the smallest normal instead of -inf keeps the gradient finite (0 through the clamp).
+        c = c if allowed is None else torch.where(allowed, c, 1.0)
+        scores = scores + c.clamp_min(torch.finfo(c.dtype).tiny).log()
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     p = scores.softmax(dim=-1)

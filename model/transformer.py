@@ -11,6 +11,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from model.attention import attention
+from model.hier_attention import hier_attention
 
 
 class MultiheadAttention(nn.Module):
@@ -31,7 +32,7 @@ class MultiheadAttention(nn.Module):
         if prior is None:
             o = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p)
         else:
-            o = prior.attend(q, k, v, causal=causal, dropout_p=dropout_p)
+            o = hier_attention(q, k, v, prior, causal=causal, dropout_p=dropout_p)
         return self.out(o.transpose(1, 2).reshape(b, n, w))
 
 

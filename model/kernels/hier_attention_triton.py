@@ -17,16 +17,18 @@ to fp32 after loading when UPCAST (always under TRITON_INTERPRET=1, whose bf16 a
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from model.hier_prior import ConstituentPrior, group_log_prior, tree_log_prior
-
+from model.constituent_prior import ConstituentPrior, group_log_prior, tree_log_prior
+from model.kernels.launch_spec import KernelSpec
 
 
 @triton.jit
@@ -58,14 +60,45 @@ def _log_prior_tile(offs_m, offs_n, t_ptr, r_ptr, c_ptr, KIND: tl.constexpr, HAS
 
 
 @triton.jit
-def _allowed_tile(offs_m, offs_n, n_ctx, length, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+def _prior_tile(offs_m, offs_n, t_ptr, r_ptr, c_ptr, n_ctx, length, KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_LENGTHS: tl.constexpr, HAS_CLS: tl.constexpr, GRID_H: tl.constexpr, GRID_W: tl.constexpr):
+    """(log C, allowed) for one tile; log C is 0 wherever the pair is not allowed.
+
+    Outside the sequence the tables load as 0, so log C there is +β_i, not ≤ 0: past β = 88.7, e^{log C} is inf,
+    and 0·inf would be NaN in C ⊙ P although P is 0 there.
+    """
     allowed = (offs_m[:, None] < n_ctx) & (offs_n[None, :] < n_ctx)
     if CAUSAL:
         allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
     if HAS_LENGTHS:  # a padded query attends only to itself
         real = (offs_m[:, None] < length) & (offs_n[None, :] < length)
         allowed = allowed & (real | (offs_m[:, None] == offs_n[None, :]))
-    return allowed
+    log_c = _log_prior_tile(offs_m, offs_n, t_ptr, r_ptr, c_ptr, KIND, HAS_CLS, GRID_H, GRID_W)
+    return tl.where(allowed, log_c, 0.0), allowed
+
+
+@triton.jit
+def _key_range(start_m, n_ctx, length, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """Keys [lo, hi) that queries start_m.. may attend: up to the diagonal if causal; a padded query (i ≥ length)
+    attends only to itself, so a block of padded queries needs only its diagonal tile, and real ones stop at the
+    length: the padded suffix of a text costs one tile per query block, not a full row."""
+    lo = 0
+    hi = tl.minimum(n_ctx, start_m + BLOCK_M) if CAUSAL else n_ctx
+    if HAS_LENGTHS:
+        hi = tl.minimum(hi, tl.maximum(length, start_m + BLOCK_M))
+        lo = tl.where(start_m >= length, start_m, 0)
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_n, n_ctx, length, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """Queries [lo, hi) that may attend keys start_n.. (the mirror of _key_range; blocks are square)."""
+    lo = start_n if CAUSAL else 0
+    hi = n_ctx
+    if HAS_LENGTHS:
+        hi = tl.minimum(n_ctx, tl.maximum(length, start_n + BLOCK_N))
+        lo = tl.where(start_n >= length, start_n, lo)
+    return lo, hi
 
 
 @triton.jit
@@ -77,7 +110,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, t_ptr, r_ptr, c_ptr, len_pt
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = bh // n_heads
+    b = (bh // n_heads).to(tl.int64)  # b · stride_b passes 2³¹ at large batch
     h = bh % n_heads
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -97,8 +130,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, t_ptr, r_ptr, c_ptr, len_pt
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.minimum(n_ctx, start_m + BLOCK_M) if CAUSAL else n_ctx
-    for start_n in range(0, hi, BLOCK_N):
+    lo, hi = _key_range(start_m, n_ctx, length, BLOCK_M, CAUSAL, HAS_LENGTHS)
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < n_ctx) & d_ok
         k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -107,8 +140,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, t_ptr, r_ptr, c_ptr, len_pt
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        log_c = _log_prior_tile(offs_m, offs_n, t_ptr, r_ptr, c_ptr, KIND, HAS_CLS, GRID_H, GRID_W)
-        allowed = _allowed_tile(offs_m, offs_n, n_ctx, length, CAUSAL, HAS_LENGTHS)
+        log_c, allowed = _prior_tile(offs_m, offs_n, t_ptr, r_ptr, c_ptr, n_ctx, length,
+                                     KIND, CAUSAL, HAS_LENGTHS, HAS_CLS, GRID_H, GRID_W)
         logits = s if MULTIPLY else s + log_c  # the logits that normalise
         logits = tl.where(allowed, logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 1))
@@ -133,8 +166,8 @@ def _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, t_ptr, r_ptr, c_ptr, n_ct
               HAS_CLS: tl.constexpr, GRID_H: tl.constexpr, GRID_W: tl.constexpr, PRECISION: tl.constexpr):
     """Recompute one [BLOCK_M, BLOCK_N] tile: W (weights on V), dS (score gradient) and dB (log C gradient)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    log_c = _log_prior_tile(offs_m, offs_n, t_ptr, r_ptr, c_ptr, KIND, HAS_CLS, GRID_H, GRID_W)
-    allowed = _allowed_tile(offs_m, offs_n, n_ctx, length, CAUSAL, HAS_LENGTHS)
+    log_c, allowed = _prior_tile(offs_m, offs_n, t_ptr, r_ptr, c_ptr, n_ctx, length,
+                                 KIND, CAUSAL, HAS_LENGTHS, HAS_CLS, GRID_H, GRID_W)
     logits = s if MULTIPLY else s + log_c
     p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
     w = p * tl.exp(log_c) if MULTIPLY else p
@@ -147,7 +180,7 @@ def _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, t_ptr, r_ptr, c_ptr, n_ct
 @triton.jit
 def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, db_ptr,
                    t_ptr, r_ptr, c_ptr, len_ptr,
-                   sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n,
+                   sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, sg_b, sg_h, sg_n,
                    n_heads, n_ctx, head_dim, scale, table_stride,
                    KIND: tl.constexpr, MULTIPLY: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                    HAS_CLS: tl.constexpr, GRID_H: tl.constexpr, GRID_W: tl.constexpr, UPCAST: tl.constexpr,
@@ -155,7 +188,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     """One block of keys: dK, dV over all queries, and this head's share of dB (atomically summed over heads)."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
-    b = bh // n_heads
+    b = (bh // n_heads).to(tl.int64)
     h = bh % n_heads
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -175,8 +208,8 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
-    for start_m in range(lo, n_ctx, BLOCK_M):
+    lo, hi = _query_range(start_n, n_ctx, length, BLOCK_N, CAUSAL, HAS_LENGTHS)
+    for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_mask = (offs_m[:, None] < n_ctx) & d_ok
         q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=q_mask, other=0.0)
@@ -193,15 +226,15 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
         tile_ok = (offs_m[:, None] < n_ctx) & (offs_n[None, :] < n_ctx)
         tl.atomic_add(db_ptr + b * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :], db, mask=tile_ok)
 
-    tl.store(dk_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    # The gradients have their own (contiguous) layout: q, k, v are often strided views of one packed qkv.
+    g_offs = b * sg_b + h * sg_h + offs_n[:, None] * sg_n + offs_d[None, :]
+    tl.store(dk_ptr + g_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + g_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, t_ptr, r_ptr, c_ptr, len_ptr,
-                  sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n,
+                  sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, sg_b, sg_h, sg_n,
                   n_heads, n_ctx, head_dim, scale, table_stride,
                   KIND: tl.constexpr, MULTIPLY: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                   HAS_CLS: tl.constexpr, GRID_H: tl.constexpr, GRID_W: tl.constexpr, UPCAST: tl.constexpr,
@@ -209,7 +242,7 @@ def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, t_ptr
     """One block of queries: dQ over all keys."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = bh // n_heads
+    b = (bh // n_heads).to(tl.int64)
     h = bh % n_heads
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -230,8 +263,8 @@ def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, t_ptr
         length = tl.load(len_ptr + b)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.minimum(n_ctx, start_m + BLOCK_M) if CAUSAL else n_ctx
-    for start_n in range(0, hi, BLOCK_N):
+    lo, hi = _key_range(start_m, n_ctx, length, BLOCK_M, CAUSAL, HAS_LENGTHS)
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < n_ctx) & d_ok
         k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -243,7 +276,7 @@ def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, t_ptr
                              KIND, MULTIPLY, CAUSAL, HAS_LENGTHS, HAS_CLS, GRID_H, GRID_W, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(dq_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
+    tl.store(dq_ptr + b * sg_b + h * sg_h + offs_m[:, None] * sg_n + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -251,23 +284,41 @@ def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, t_ptr
 # Launch and autograd.
 
 
-_BLOCK = 64  # queries and keys per tile: fits one SM's shared memory at head dim 128; big for the interpreter
+class TileConfig(NamedTuple):
+    """Tile shape and launch options; the same on a GPU and under the interpreter (only UPCAST differs)."""
+
+    block: int  # queries and keys per tile (square: the padded-suffix skip relies on it)
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(dtype: torch.dtype, head_dim: int) -> TileConfig:
+    """The one table of launch options, compiled for sm_80 and sm_90 by tests/unit/test_kernels_aot.py.
+
+    One software-pipelining stage: with more, the pipeliner keeps the group prior's four table gathers in shared
+    memory once per stage, past an A100's 163 KiB (bf16, d = 64, backward) and an H100's 227 KiB (fp32). Eight
+    warps: with four, the gathers and index tiles spill 0.7–3 KB per thread. fp32 runs IEEE dots on CUDA cores
+    (TF32 would miss a 1e-4 tolerance), whose operands live in registers: 32-wide tiles keep them from spilling.
+    """
+    if dtype == torch.float32:
+        return TileConfig(block=32, num_warps=8, num_stages=1)
+    return TileConfig(block=64, num_warps=8, num_stages=1)
+
+
+def kernel_constants(dtype: torch.dtype, head_dim: int, kind: str, mode: str, causal: bool, has_lengths: bool,
+                     has_cls: bool, grid_hw: tuple[int, int], interpreting: bool) -> dict:
+    """Compile-time parameters. A tree's 'grid' is one row of N tokens (GRID_W = N bounds the β table)."""
+    tile = tile_config(dtype, head_dim)
+    return dict(KIND=0 if kind == "tree" else 1, MULTIPLY=mode == "multiply", CAUSAL=causal,
+                HAS_LENGTHS=has_lengths, HAS_CLS=has_cls, GRID_H=grid_hw[0], GRID_W=grid_hw[1],
+                # The interpreter's bf16 arithmetic is wrong: it computes in fp32 after loading.
+                UPCAST=interpreting or dtype == torch.float32,
+                PRECISION="ieee" if dtype == torch.float32 else "tf32",  # tf32 is moot for 16-bit operands
+                BLOCK_M=tile.block, BLOCK_N=tile.block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _launch_config(q: Tensor, kind: str, has_cls: bool, grid_hw: tuple[int, int], causal: bool, mode: str,
-                   lengths: Tensor | None) -> dict:
-    """Compile-time parameters. A tree's 'grid' is one row of N tokens (GRID_W = N bounds the β table)."""
-    upcast = _interpreting() or q.dtype == torch.float32
-    # fp32 dots follow torch's TF32 switch; for fp16/bf16 inputs the setting does not apply.
-    tf32 = q.dtype != torch.float32 or (q.is_cuda and torch.backends.cuda.matmul.allow_tf32)
-    return dict(KIND=0 if kind == "tree" else 1, MULTIPLY=mode == "multiply", CAUSAL=causal,
-                HAS_LENGTHS=lengths is not None, HAS_CLS=has_cls, GRID_H=grid_hw[0], GRID_W=grid_hw[1],
-                UPCAST=upcast, PRECISION="tf32" if tf32 and not _interpreting() else "ieee",
-                BLOCK_M=_BLOCK, BLOCK_N=_BLOCK, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -293,34 +344,37 @@ class _HierAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, table_1, table_2, lengths, kind, has_cls, causal, mode):
         b, h, n, d = q.shape
         tables, grid_hw = _kernel_tables(kind, table_1, table_2, n)
-        meta = _launch_config(q, kind, has_cls, grid_hw, causal, mode, lengths)
+        meta = kernel_constants(q.dtype, d, kind, mode, causal, lengths is not None, has_cls, grid_hw,
+                                _interpreting())
+        tile = tile_config(q.dtype, d)
+        launch = dict(num_warps=tile.num_warps, num_stages=tile.num_stages)
         lens = _lengths_arg(lengths, q)
-        o = torch.empty_like(q)
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-        grid = (triton.cdiv(n, meta["BLOCK_M"]), b * h)
+        grid = (triton.cdiv(n, tile.block), b * h)
         _fwd_kernel[grid](q, k, v, o, lse, *tables, lens, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                          h, n, d, 1.0 / math.sqrt(d), tables[0][0].numel(), **meta)
+                          h, n, d, 1.0 / math.sqrt(d), tables[0][0].numel(), **meta, **launch)
         ctx.save_for_backward(q, k, v, o, lse, table_1, table_2, lengths)
-        ctx.meta, ctx.kind, ctx.has_cls = meta, kind, has_cls
+        ctx.meta, ctx.launch, ctx.kind, ctx.has_cls = meta, launch, kind, has_cls
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, table_1, table_2, lengths = ctx.saved_tensors
-        meta = ctx.meta
+        meta, launch = ctx.meta, ctx.launch
         b, h, n, d = q.shape
         do = do if do.stride(-1) == 1 else do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()  # D_i = dO_i·O_i
         tables, _ = _kernel_tables(ctx.kind, table_1, table_2, n)
         lens = _lengths_arg(lengths, q)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # Not empty_like: for a strided view (q, k, v of a packed qkv) it returns tighter strides than the view's.
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         d_log_c = torch.zeros(b, n, n, device=q.device, dtype=torch.float32)  # summed over heads
-        common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), h, n, d, 1.0 / math.sqrt(d),
-                  tables[0][0].numel())
-        _bwd_kv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), b * h)](
-            q, k, v, do, lse, delta, dk, dv, d_log_c, *tables, lens, *common, **meta)
-        _bwd_q_kernel[(triton.cdiv(n, meta["BLOCK_M"]), b * h)](
-            q, k, v, do, lse, delta, dq, *tables, lens, *common, **meta)
+        common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), h, n, d,
+                  1.0 / math.sqrt(d), tables[0][0].numel())
+        grid = (triton.cdiv(n, meta["BLOCK_M"]), b * h)
+        _bwd_kv_kernel[grid](q, k, v, do, lse, delta, dk, dv, d_log_c, *tables, lens, *common, **meta, **launch)
+        _bwd_q_kernel[grid](q, k, v, do, lse, delta, dq, *tables, lens, *common, **meta, **launch)
         d_table_1 = d_table_2 = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             # Tables -> log C is cheap and per sample: let autograd carry dB back to the tables.
@@ -341,3 +395,30 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, prior: ConstituentPrior, *
         return _HierAttention.apply(q, k, v, prior.beta, None, prior.lengths, "tree", False, causal, prior.mode)
     return _HierAttention.apply(q, k, v, prior.row_cost, prior.col_cost, None, "group", prior.has_cls, causal,
                                 prior.mode)
+
+
+# What the launcher can pick: tree (text, padded; causal or not) and group (vision, with CLS) priors, both modes,
+# fp32 and 16-bit inputs, the head dims of the presets. Compiled for sm_80 and sm_90 on the CPU by
+# model/kernels/aot.py. Unpadded text and a grid without CLS drop loads from these; the grid shape is a
+# constexpr too, and ViT-B/16's 14×14 stands for all (it sizes no tile).
+AOT_VARIANTS = {"tree": [(True, True, False), (False, True, False)],  # (causal, has_lengths, has_cls)
+                "group": [(False, False, True)]}
+
+
+def compile_specs(dtypes=(torch.float32, torch.bfloat16, torch.float16), head_dims=(64, 128), kinds=("tree", "group"),
+                  modes=("multiply", "bias")):
+    for dtype, head_dim, kind, mode in itertools.product(dtypes, head_dims, kinds, modes):
+        for causal, has_lengths, has_cls in AOT_VARIANTS[kind]:
+            grid_hw = (1, 77) if kind == "tree" else (14, 14)
+            constexprs = kernel_constants(dtype, head_dim, kind, mode, causal, has_lengths, has_cls, grid_hw, False)
+            tile = tile_config(dtype, head_dim)
+            flags = "".join(name for name, on in (("causal", causal), ("padded", has_lengths), ("cls", has_cls)) if on)
+            for fn in (_fwd_kernel, _bwd_kv_kernel, _bwd_q_kernel):
+                pointers = {name: dtype for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr",
+                                                     "dv_ptr")}
+                pointers |= {name: torch.float32 for name in ("lse_ptr", "delta_ptr", "db_ptr", "t_ptr", "r_ptr",
+                                                              "c_ptr")}
+                pointers["len_ptr"] = torch.int32
+                label = f"{fn.__name__} {kind} {mode} {str(dtype)[6:]} d{head_dim} {flags or '-'}"
+                yield KernelSpec(label, fn, constexprs, {k: v for k, v in pointers.items() if k in fn.arg_names},
+                                 ("scale",), tile.num_warps, tile.num_stages)

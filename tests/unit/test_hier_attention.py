@@ -1,6 +1,8 @@
 """Hierarchy-aware attention: the efficient CPU path against the reference, gradcheck, dispatch, and training."""
+import copy
 import dataclasses
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -38,7 +40,7 @@ def forward_backward(attend, module, x, q, k, v, pad, causal, seed=1):
     links, _ = module(x, None, pad)
     _, prior = module(x.flip(1), links, pad)  # a second layer: the non-splittable update is on the path
     out = attend(q, k, v, prior, causal=causal)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)  # same in fp64
     (out * weights).sum().backward()
     return {"out": out, "q": q.grad, "k": k.grad, "v": v.grad, "x": x.grad,
             **{name: p.grad.clone() for name, p in module.named_parameters()}}
@@ -82,6 +84,51 @@ def check_fp16_over_several_tiles(attend, mode: str) -> None:
     assert_relative_close(got, want, 5e-3, f"(fp16, {mode})")
 
 
+def check_saturated_prior(attend, kind: str, mode: str, dtype=torch.float32) -> None:
+    """A first layer whose neighbour scores are ~300 apart (softmaxes saturate, links exactly 0 or 1 in fp32),
+    under a second, ordinary one. Output and every gradient (q, k, v, block input, both priors' parameters)
+    finite; those of the output, q, k, v, the input and the second prior equal to float64's."""
+    from tests.unit.test_hier_prior import _saturating_inputs
+
+    torch.manual_seed(0)
+    cfg = HierConfig(prior_mode=mode, sigma=4.0)
+    if kind == "text":
+        make, n, pad, causal = (lambda: TreePrior(32, cfg=cfg)), 13, padding([13, 9], 13), True
+    else:
+        make, n, pad, causal = (lambda: GroupPrior(32, grid=(4, 3), has_cls=True, cfg=cfg)), 13, None, False
+    saturated, ordinary = make(), make()
+    x = _saturating_inputs(saturated, n)
+    _, q, k, v = random_inputs(n, batch=2)
+    with torch.no_grad():
+        links, _ = saturated(x, None, pad)
+    flat = torch.cat([t.flatten() for t in (links if kind == "vision" else (links,))])
+    assert (flat == 0).any() and (flat == 1).any(), "the inputs must saturate links to exactly 0 and 1 in fp32"
+
+    def run(modules, x, q, k, v):
+        first, second = modules
+        for module in modules:
+            module.zero_grad()
+        x, q, k, v = (t.detach().clone().requires_grad_() for t in (x, q, k, v))
+        links, _ = first(x, None, pad)
+        _, prior = second(x.flip(1), links, pad)
+        out = attend(q, k, v, prior, causal=causal)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        (out * weights).sum().backward()
+        grads = {"out": out, "q": q.grad, "k": k.grad, "v": v.grad, "x": x.grad}
+        grads.update({f"second.{name}": p.grad.clone() for name, p in second.named_parameters()})
+        return grads, {name: p.grad.clone() for name, p in first.named_parameters()}
+
+    modules_64 = [copy.deepcopy(m).double() for m in (saturated, ordinary)]
+    want, _ = run(modules_64, x.double(), q.double(), k.double(), v.double())
+    got, first_grads = run([saturated, ordinary], x, *(t.to(dtype) for t in (q, k, v)))
+    for name, value in {**got, **first_grads}.items():
+        assert torch.isfinite(value).all(), f"{name}: {(~torch.isfinite(value)).sum()} non-finite ({kind}, {mode})"
+    assert all(torch.isfinite(value).all() for value in want.values())
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert_relative_close(got, {name: value.float() for name, value in want.items()}, tolerance,
+                          f"(saturated, {kind}, {mode}, {dtype})")
+
+
 @pytest.mark.parametrize("mode", ["multiply", "bias"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_sdpa_path_matches_reference(case, mode):
@@ -112,13 +159,101 @@ def _check_triton_against_reference(seed: int) -> None:
         check_fp16_over_several_tiles(triton_attention, mode)
 
 
-def test_triton_kernel_matches_reference_under_interpreter():
-    seed = torch.seed() % 2**31
+def _check_triton_packed_qkv() -> None:
+    """q, k, v as the transformer passes them: views of one packed qkv, strides (3NW, hd, 3W, 1).
+
+    The gradients must be written with their own strides, not the views': with q's strides the writes of dq
+    run past a tight buffer (glibc aborted with heap corruption before the fix).
+    """
+    from model.kernels.hier_attention_triton import triton_attention
+
+    heads, head_dim = 2, 16
+    for case in ("text_causal_padded", "vision_cls_grid"):
+        make, n, lengths, causal = CASES[case]
+        for mode in ("multiply", "bias"):
+            torch.manual_seed(0)
+            module = make(HierConfig(prior_mode=mode, sigma=4.0))
+            with torch.no_grad():  # only q, k, v take gradients here
+                _, prior = module(torch.randn(3, n, 32), None, padding(lengths, n))
+            packed = torch.randn(3, n, 3 * heads * head_dim)
+            grads = {}
+            for name, attend in (("reference", reference_attention), ("triton", triton_attention)):
+                qkv = packed.clone().requires_grad_()
+                q, k, v = (t.transpose(1, 2) for t in qkv.view(3, n, 3, heads, head_dim).unbind(2))
+                assert q.stride() == (3 * n * heads * head_dim, head_dim, 3 * heads * head_dim, 1)
+                out = attend(q, k, v, prior, causal=causal)
+                (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+                grads[name] = {"out": out.detach(), "qkv": qkv.grad}
+            assert_relative_close(grads["triton"], grads["reference"], 1e-4, f"(packed qkv, {case}, {mode})")
+
+
+def _check_triton_multiply_beyond_exp_range() -> None:
+    """Multiply mode with β past 95 (three links of 1e-15): past 88.7, e^{log C} outside the sequence overflowed."""
+    from model.constituent_prior import ConstituentPrior
+    from model.hier_prior import break_cost, exclusive_cumsum
+    from model.kernels.hier_attention_triton import triton_attention
+
+    n = 20  # a partial tile: keys 20..63 lie outside the sequence
+    links = torch.full((2, n - 1), 0.9)
+    links[:, 5:15:4] = 1e-15
+    beta = exclusive_cumsum(break_cost(links, None), dim=1)
+    assert beta.max() > 95
+    prior = ConstituentPrior("tree", "multiply", "triton", links, beta=beta)
+    q, k, v = torch.randn(3, 2, 2, n, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    results = {}
+    for name, attend in (("sdpa", sdpa_attention), ("triton", triton_attention)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves, prior, causal=False)
+        out.square().sum().backward()
+        results[name] = {"out": out.detach(), **{key: t.grad for key, t in zip("qkv", leaves)}}
+    for name, value in results["triton"].items():
+        assert torch.isfinite(value).all(), f"{name}: {(~torch.isfinite(value)).sum()} non-finite entries"
+    assert_relative_close(results["triton"], results["sdpa"], 1e-4, "(multiply, β = 95)")
+
+
+def _check_triton_saturated_prior() -> None:
+    from model.kernels.hier_attention_triton import triton_attention
+
+    for kind in ("text", "vision"):
+        for mode in ("multiply", "bias"):
+            for dtype in (torch.float32, torch.bfloat16):
+                check_saturated_prior(triton_attention, kind, mode, dtype)
+
+
+def _run_interpreted(function: str, *args) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    code = f"import tests.unit.test_hier_attention as t; t._check_triton_against_reference({seed})"
+    code = f"import tests.unit.test_hier_attention as t; t.{function}{args!r}"
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, f"exit code {result.returncode}: " + result.stderr[-4000:]
+
+
+def test_triton_kernel_matches_reference_under_interpreter():
+    _run_interpreted("_check_triton_against_reference", torch.seed() % 2**31)
+
+
+def test_triton_kernel_with_packed_qkv_views_under_interpreter():
+    _run_interpreted("_check_triton_packed_qkv")
+
+
+def test_triton_multiply_mode_beyond_exp_range_under_interpreter():
+    _run_interpreted("_check_triton_multiply_beyond_exp_range")
+
+
+def test_triton_saturated_prior_under_interpreter():
+    _run_interpreted("_check_triton_saturated_prior")
+
+
+def test_interpreter_runs_the_gpu_tile_configuration():
+    """The interpreter tests run the tiles a GPU runs: only the upcast of 16-bit inputs differs."""
+    from model.kernels.hier_attention_triton import kernel_constants
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for head_dim in (64, 128):
+            gpu, interpreted = (kernel_constants(dtype, head_dim, "group", "multiply", False, False, True, (14, 14),
+                                                 interpreting) for interpreting in (False, True))
+            assert {key for key in gpu if gpu[key] != interpreted[key]} <= {"UPCAST"}
+            assert gpu["PRECISION"] == ("ieee" if dtype == torch.float32 else "tf32")  # no TF32 on fp32 inputs
 
 
 def test_multiply_is_not_renormalised_and_bias_is():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from model.config import HierConfig
-from model.hier_prior import (GroupPrior, TreePrior, break_cost, exclusive_cumsum, group_log_prior,
-                              group_prior_reference, tree_log_prior, tree_prior_reference)
+from model.constituent_prior import group_log_prior, group_prior_reference, tree_log_prior, tree_prior_reference
+from model.hier_prior import GroupPrior, TreePrior, break_cost, exclusive_cumsum
 from model.transformer import Transformer
 
 
@@ -135,3 +135,50 @@ def test_prior_runs_in_fp32_under_half_inputs():
     links, prior = module(torch.randn(2, 5, 16, dtype=torch.bfloat16), None, None)
     assert links.dtype == prior.beta.dtype == torch.float32
     assert math.isfinite(prior.beta.sum().item())
+
+
+def _saturating_inputs(module, n_tokens, batch=2, gap=300.0, seed=0):
+    """Block inputs whose neighbour scores differ by ~gap: softmaxes saturate, links come out exactly 0 or 1 in
+    fp32 (and sqrt(p·p) at 0 would have an infinite derivative)."""
+    g = torch.Generator().manual_seed(seed)
+    width = module.ln.normalized_shape[0]
+    x = torch.randn(batch, n_tokens, width, generator=g)
+    with torch.no_grad():  # scores q_u·k_v / σ with q = k direction: scaling W_Q makes the gaps as large as asked
+        module.w_q.copy_(torch.eye(width) * gap)
+        module.w_k.copy_(torch.eye(width))
+        module.b_q.zero_()
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])  # triton: tests/unit/test_hier_attention.py (interpreter)
+@pytest.mark.parametrize("mode", ["multiply", "bias"])
+@pytest.mark.parametrize("kind", ["text", "vision"])
+def test_saturated_links_give_finite_gradients_equal_to_float64(kind, mode, impl, dtype):
+    from model.hier_attention import reference_attention, sdpa_attention
+    from tests.unit.test_hier_attention import check_saturated_prior
+
+    check_saturated_prior({"reference": reference_attention, "sdpa": sdpa_attention}[impl], kind, mode, dtype)
+
+
+@pytest.mark.parametrize("grid", [(1, 5), (4, 1), (1, 1)])
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_one_row_one_column_and_single_patch_grids(grid, has_cls):
+    from model.hier_attention import reference_attention, sdpa_attention
+
+    torch.manual_seed(0)
+    h, w = grid
+    module = GroupPrior(16, grid=grid, has_cls=has_cls, cfg=HierConfig(sigma=2.0))
+    n = h * w + has_cls
+    x = torch.randn(2, n, 16, requires_grad=True)
+    links, prior = module(x, None, None)
+    links, prior = module(x * 0.5, links, None)
+    assert links[0].shape == (2, h, w - 1) and links[1].shape == (2, h - 1, w)
+    assert prior.row_cost.shape == prior.col_cost.shape == (2, h, w)
+    c = prior.prior_reference()
+    assert torch.allclose(prior.log_prior().exp(), c, atol=1e-6)
+    q, k, v = torch.randn(3, 2, 2, n, 8).unbind(0)
+    out = sdpa_attention(q, k, v, prior, causal=False)
+    torch.testing.assert_close(out, reference_attention(q, k, v, prior, causal=False))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()

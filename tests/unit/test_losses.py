@@ -242,9 +242,13 @@ def test_auto_impl_and_gather_without_distributed():
 
 def _check_triton_against_dense() -> None:
     """Runs in a fresh interpreter with TRITON_INTERPRET=1 (the flag is read when kernels are defined)."""
+    from model.kernels.contrastive_triton import _column_splits
+
     torch.manual_seed(0)
+    # Ragged against the blocks a GPU runs too (32 fp32, 64 bf16), in every dimension; the columns split, merged.
+    assert _column_splits(150, 300, 32) == (10, 32) and _column_splits(150, 300, 64) == (5, 64)
     for alpha, masked, dtype in ((0.0, False, torch.float32), (0.2, True, torch.float32), (0.2, True, torch.bfloat16)):
-        batch, total, dim = 150, 300, 96  # ragged against the interpreter's 128 blocks, in every dimension
+        batch, total, dim = 150, 300, 96
         rows = F.normalize(torch.randn(batch, dim), dim=-1).to(dtype)
         cols = F.normalize(torch.randn(total, dim), dim=-1).to(dtype)
         valid = torch.rand(total) > 0.3 if masked else None
