@@ -27,6 +27,7 @@ from model.config_tree import ConfigError, build, require, suggest
 from model.losses import LossConfig
 from recipes.evaluate import EvalConfig
 from recipes.grad_cache import GradCacheConfig
+from recipes.guard import GuardConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "to_dict"]
 
@@ -48,6 +49,7 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
     ds_config: str = "ds_configs/zero3.json"
+    guard: GuardConfig = field(default_factory=GuardConfig)  # skip non-finite steps, roll back on divergence
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "≥ 1")
