@@ -23,16 +23,30 @@ class Diverged(RuntimeError):
     """The run stopped because training diverged; `latest` still names a finite checkpoint."""
 
 
-def _local_state(engine) -> Iterator[torch.Tensor]:
-    """Every floating tensor of the training state this rank holds, each once."""
+def local_state(engine) -> Iterator[torch.Tensor]:
+    """Every floating tensor of the training state this rank holds: 16-bit weights, fp32 masters, Adam moments."""
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed's ZeRO wrappers hold ours
+    moments = sorted({k for s in optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.dim()})
+    if hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):
+        # ZeRO-3: each parameter's partition ends, on the last ranks, in padding that is never initialised (it
+        # held 3.8e24 in one run): read only the elements that belong to the parameter.
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for p in engine.module.parameters():
+            size = p.ds_tensor.numel()
+            valid = max(0, min(size, p.ds_numel - rank * size))
+            yield p.ds_tensor[:valid]
+            if p.requires_grad:
+                yield safe_get_local_fp32_param(p)[:valid]
+                yield from (safe_get_local_optimizer_state(p, k)[:valid] for k in moments)
+        return
+    # ZeRO-1/2 (zero-padded flat partitions) and no ZeRO: the optimizer's own parameters are the fp32 masters.
     for group in optimizer.param_groups:
         for p in group["params"]:
-            yield p  # the fp32 master partition under ZeRO
-            yield from (v for v in optimizer.state.get(p, {}).values()
-                        if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0)
-    for p in engine.module.parameters():
-        yield getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition; the full-size param is empty
+            yield p
+            yield from (optimizer.state[p][k] for k in moments if k in optimizer.state.get(p, {}))
+    yield from engine.module.parameters()
 
 
 def state_is_finite(engine) -> bool:
@@ -40,7 +54,7 @@ def state_is_finite(engine) -> bool:
     values), so the pass reads each byte once and allocates nothing of the model's size."""
     device = engine.device  # the collective's device; offloaded state sits on the CPU
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for t in _local_state(engine):
+    for t in local_state(engine):
         total += t.detach().sum(dtype=torch.float64).to(device)
     bad = (~torch.isfinite(total)).float()[None]
     if dist.is_initialized():
