@@ -142,7 +142,8 @@ class Guard:
         if not self.cfg.enabled:
             return True
         total = loss.detach().float().reshape(1).clone()
-        dist.all_reduce(total)
+        if dist.is_initialized():
+            dist.all_reduce(total)
         value = total.item()
         if not torch.isfinite(total).item():
             self._admitted = False
