@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 -m recipes.pretrain --config recipes/configs/demo.yaml train.steps=200
 
-Phases: config -> process group -> model + engine -> data -> resume -> loop (step, log, checkpoint) -> done.
+Phases: config -> process group -> model + engine -> data -> resume -> loop (step, guard, log, checkpoint) -> done.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from data_pipeline.loader import build_train_loader
 from data_pipeline.tokenizer import Tokenizer
 from model.flops import count_flops
 from recipes import checkpointing, preemption, universal
-from recipes.finite import DIVERGED_EXIT_CODE, Diverged
-from recipes.guard import Guard
 from recipes.config import Config, load_config, to_dict
 from recipes.engine import build_engine, deepspeed_config, init_distributed
 from recipes.evaluate import check_eval_sets, evaluate_live
+from recipes.finite import DIVERGED_EXIT_CODE, Diverged
+from recipes.guard import Guard
 from recipes.level_check import warn_missing_levels
 from recipes.logger import RunLogger
 from recipes.metrics import StepMeter, peak_tflops, skip_metrics
