@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 from collections import deque
@@ -144,8 +145,8 @@ class Guard:
         total = loss.detach().float().reshape(1).clone()
         if dist.is_initialized():
             dist.all_reduce(total)
-        value = total.item()
-        if not torch.isfinite(total).item():
+        value = total.item()  # the one host sync the guard adds
+        if not math.isfinite(value):
             self._admitted = False
             return False
         full = len(self.losses) == self.losses.maxlen
