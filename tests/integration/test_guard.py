@@ -55,7 +55,7 @@ def test_skip_and_rollback_equal_an_independent_construction(tmp_path, synthetic
 
     def run(name: str, extra: list[str], env: dict | None = None):
         overrides = launch.tiny_run(spec, tmp_path / name, steps=steps) + [
-            "data.resampled=false", "checkpoint.every_steps=2", "checkpoint.keep_last=0",
+            "data.resampled=false", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
             "train.guard.median_window=3", "train.guard.max_spikes=2", "train.guard.spike_span=10", *extra]
         pretrain(WORLD, overrides, env=env, timeout=300)
 
