@@ -8,6 +8,10 @@ the same with torch's fused AdamW (what our engine uses), so the comparison does
 Same tower sizes, batch and precision (fp32); data are in-memory tensors so the loader is not measured.
 Variants are interleaved repeat by repeat and compared by the ratio of medians.
 
+`vanilla_clip_guard` is `vanilla_clip` with the divergence guard around the step, as the trainer runs it
+(`guard_overhead`: its median step time over the unguarded one's, minus 1). On a world of one the guard's
+all-reduce costs nothing; on GPUs its host sync is the part to watch.
+
 Batch 128 per device by default: CLIP runs train at 128-512 per device. The engine's per-step work that does
 not grow with the batch (DeepSpeed copies every gradient into its reduction buckets and flat partition, then
 clips and updates) is ~0.15 s here: ~7% of a step at batch 32, under 2% at 128. Run `--batch 32` to see it.
@@ -50,9 +54,10 @@ def batch_tensors(batch: int, pyramid: bool, generator: torch.Generator) -> dict
     return out
 
 
-def ours(attention: str, loss: str, batch: int):
+def ours(attention: str, loss: str, batch: int, guard: bool = False):
     from recipes.config import load_config
     from recipes.engine import build_engine, deepspeed_config
+    from recipes.guard import Guard
     from recipes.step import train_step
 
     z = SIZE
@@ -69,7 +74,16 @@ def ours(attention: str, loss: str, batch: int):
     ds = deepspeed_config(cfg)
     engine = build_engine(cfg, ds)
     data = batch_tensors(batch, loss == "pyramid", torch.Generator().manual_seed(0))
-    return lambda: train_step(engine, data, cfg.loss, cfg.grad_cache)
+    if not guard:
+        return lambda: train_step(engine, data, cfg.loss, cfg.grad_cache)
+    g = Guard(cfg.train.guard, rank=0, device=torch.device("cpu"))
+
+    def guarded():  # what the trainer's loop does around the step
+        g.begin(data)
+        train_step(engine, data, cfg.loss, cfg.grad_cache, g)
+        g.end(engine)
+
+    return guarded
 
 
 def open_clip_step(batch: int, fused_adamw: bool = False):
@@ -105,20 +119,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", default="", help="comma-separated subset, e.g. vanilla_clip,vanilla_clip_guard")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     from recipes.engine import init_distributed
 
     init_distributed()
-    steps = {
-        "open_clip": open_clip_step(args.batch),
-        "open_clip_fused": open_clip_step(args.batch, fused_adamw=True),
-        "vanilla_clip": ours("vanilla", "clip", args.batch),
-        "hier_clip": ours("hier", "clip", args.batch),
-        "vanilla_pyramid": ours("vanilla", "pyramid", args.batch),
-        "hier_pyramid": ours("hier", "pyramid", args.batch),
+    variants = {
+        "open_clip": lambda: open_clip_step(args.batch),
+        "open_clip_fused": lambda: open_clip_step(args.batch, fused_adamw=True),
+        "vanilla_clip": lambda: ours("vanilla", "clip", args.batch),
+        "vanilla_clip_guard": lambda: ours("vanilla", "clip", args.batch, guard=True),
+        "hier_clip": lambda: ours("hier", "clip", args.batch),
+        "vanilla_pyramid": lambda: ours("vanilla", "pyramid", args.batch),
+        "hier_pyramid": lambda: ours("hier", "pyramid", args.batch),
     }
+    chosen = args.variants.split(",") if args.variants else list(variants)
+    steps = {name: variants[name]() for name in chosen}
     for step in steps.values():  # warm-up: allocator, lazy inits, first-call dispatch
         step()
     times = {name: [] for name in steps}
@@ -131,14 +149,18 @@ def main() -> None:
     print(f"{'variant':<18}{'median s/step':>14}{'min':>8}{'max':>8}   (batch {args.batch}, fp32, {args.threads} thread)")
     for name, ts in times.items():
         print(f"{name:<18}{median[name]:>14.3f}{min(ts):>8.3f}{max(ts):>8.3f}")
-    result = {
-        "bench": "step",
-        "vanilla_vs_open_clip": round(median["vanilla_clip"] / median["open_clip"], 3),
-        "vanilla_vs_open_clip_fused_adamw": round(median["vanilla_clip"] / median["open_clip_fused"], 3),
-        "hier_vs_vanilla": round(median["hier_clip"] / median["vanilla_clip"], 3),
-        "pyramid_vs_vanilla": round(median["vanilla_pyramid"] / median["vanilla_clip"], 3),
-        "hier_pyramid_vs_vanilla": round(median["hier_pyramid"] / median["vanilla_clip"], 3),
+    ratios = {
+        "vanilla_vs_open_clip": ("vanilla_clip", "open_clip"),
+        "vanilla_vs_open_clip_fused_adamw": ("vanilla_clip", "open_clip_fused"),
+        "hier_vs_vanilla": ("hier_clip", "vanilla_clip"),
+        "pyramid_vs_vanilla": ("vanilla_pyramid", "vanilla_clip"),
+        "hier_pyramid_vs_vanilla": ("hier_pyramid", "vanilla_clip"),
     }
+    result = {"bench": "step", "batch": args.batch}
+    result.update({key: round(median[a] / median[b], 3) for key, (a, b) in ratios.items() if a in median and b in median})
+    if "vanilla_clip_guard" in median and "vanilla_clip" in median:
+        # the divergence guard (recipes/guard.py) on vs off: its loss all-reduce, host sync and bookkeeping
+        result["guard_overhead"] = round(median["vanilla_clip_guard"] / median["vanilla_clip"] - 1, 4)
     print(json.dumps(result))
 
 

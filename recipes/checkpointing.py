@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from recipes import finite
+
 log = logging.getLogger("hiclip")
 
 MANIFEST = "complete.json"
@@ -73,6 +75,7 @@ def step_of(tag: str) -> int:
 
 def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 0) -> str:
     """Collective: every rank calls it. Returns the tag written, complete and named by `latest`."""
+    finite.require_finite(engine, step)  # a non-finite state is never written, let alone promoted to `latest`
     root, tag = Path(ckpt_dir), tag_for(step)
     staging = tag + PARTIAL_SUFFIX
     rank = dist.get_rank()

@@ -27,6 +27,7 @@ from model.config_tree import ConfigError, build, require, suggest
 from model.losses import LossConfig
 from recipes.evaluate import EvalConfig
 from recipes.grad_cache import GradCacheConfig
+from recipes.guard import GuardConfig
 from recipes.optim import LockConfig, TowerLRConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "to_dict"]
@@ -51,12 +52,13 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero3.json"
     lock: LockConfig = field(default_factory=LockConfig)  # LiT: frozen towers or blocks (recipes/optim.py)
     tower_lr: TowerLRConfig = field(default_factory=TowerLRConfig)  # per-tower LR and layer-wise decay
+    guard: GuardConfig = field(default_factory=GuardConfig)  # skip non-finite steps, roll back on divergence
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "≥ 1")
         require(self.stop_at >= 0, "stop_at", self.stop_at, "≥ 0 (0 runs to train.steps)")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "≥ 1")
-        require(self.lr > 0, "lr", self.lr, "> 0")
+        require(self.lr >= 0, "lr", self.lr, "≥ 0")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "≥ 0")
         require(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
         require(self.eps > 0, "eps", self.eps, "> 0")

@@ -74,7 +74,8 @@ def deepspeed_config(cfg: Config) -> dict:
     ds["gradient_accumulation_steps"] = 1
     ds.pop("train_batch_size", None)
     ds["gradient_clipping"] = cfg.train.grad_clip
-    ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
+    # check_grad_overflow: a non-finite gradient norm skips the update in bf16 too (recipes/guard.py relies on it)
+    ds["bf16"] = {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True}
     return ds
 
 

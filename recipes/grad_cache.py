@@ -62,11 +62,13 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
         torch.cuda.set_rng_state(device)
 
 
-def cached_backward(engine, batch: dict, loss_fn: LossFn, cfg: GradCacheConfig) -> tuple[Tensor, dict]:
+def cached_backward(engine, batch: dict, loss_fn: LossFn, cfg: GradCacheConfig,
+                    admit: Callable[[Tensor], bool] | None = None) -> tuple[Tensor, dict]:
     """Accumulate ∂(global loss)/∂θ in the engine chunk by chunk; the caller runs `engine.step()`.
 
     loss_fn maps model outputs (embeddings by level, masks, `logit_scale`) to (this rank's loss, metrics), as
-    the plain step does. Returns (detached loss, metrics).
+    the plain step does. `admit(loss)` (the divergence guard, recipes/guard.py) may stop the step before any
+    backward. Returns (detached loss, metrics).
     """
     chunks = split_batch(batch, cfg.chunk_size)
 
@@ -84,6 +86,8 @@ def cached_backward(engine, batch: dict, loss_fn: LossFn, cfg: GradCacheConfig) 
         if value.is_floating_point():
             value.requires_grad_()
     loss, metrics = loss_fn(leaves)
+    if admit is not None and not admit(loss):
+        return loss.detach(), metrics
     # Each rank's loss covers its own rows (their sum is the global loss) and DeepSpeed averages gradients over
     # ranks: scale by the world size, for the embeddings and for the temperature alike (model/losses.py).
     (loss * dist.get_world_size()).backward()

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 log = logging.getLogger("hiclip")
-BAR_KEYS = ("loss", "samples_per_s", "mfu")
+BAR_KEYS = ("loss", "samples_per_s", "mfu", "guard/skipped_steps")
 
 
 class RunLogger:
@@ -20,6 +20,7 @@ class RunLogger:
         self.wandb = None
         self.tensorboard = None
         self.bar = None
+        self._postfix: dict[str, str] = {}
         if not enabled:
             return
         Path(log_dir).mkdir(parents=True, exist_ok=True)
@@ -30,6 +31,10 @@ class RunLogger:
             # Offline by default so runs never block on the network; a configured API key opts into online.
             os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
             self.wandb = wandb.init(project=wandb_project, dir=log_dir, config=config, resume="allow")
+            # Plot against the training step, which goes back after a divergence rollback; wandb's own step
+            # must only grow, so it is left to wandb.
+            self.wandb.define_metric("step")
+            self.wandb.define_metric("*", step_metric="step")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -47,13 +52,18 @@ class RunLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.wandb is not None:
-            self.wandb.log(record, step=step)
+            self.wandb.log(record)
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, step)
-        if self.bar is not None and any(k in record for k in BAR_KEYS):
-            self.bar.set_postfix({k: f"{record[k]:.4g}" for k in BAR_KEYS if k in record})
+        self.show(record)
+
+    def show(self, metrics: dict) -> None:
+        """Update the progress bar's figures only (e.g. the skip count at a step that is not logged)."""
+        if self.bar is not None and any(k in metrics for k in BAR_KEYS):
+            self._postfix.update({k.removeprefix("guard/"): f"{metrics[k]:.4g}" for k in BAR_KEYS if k in metrics})
+            self.bar.set_postfix(self._postfix)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 -m recipes.pretrain --config recipes/configs/demo.yaml train.steps=200
 
-Phases: config -> process group -> model + engine -> data -> resume -> loop (step, log, checkpoint) -> done.
+Phases: config -> process group -> model + engine -> data -> resume -> loop (step, guard, log, checkpoint) -> done.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from recipes import checkpointing, preemption, universal
 from recipes.config import Config, load_config, to_dict
 from recipes.engine import build_engine, deepspeed_config, init_distributed
 from recipes.evaluate import check_eval_sets, evaluate_live
+from recipes.finite import DIVERGED_EXIT_CODE, Diverged
+from recipes.guard import Guard
 from recipes.level_check import warn_missing_levels
 from recipes.logger import RunLogger
 from recipes.metrics import StepMeter, peak_tflops, skip_metrics
@@ -83,10 +85,12 @@ def train(cfg: Config) -> int:
     if cfg.eval.every_steps:
         check_eval_sets(cfg.eval, cfg.data)
     step = 0
+    guard = Guard(cfg.train.guard, rank=dist_info.rank, device=dist_info.device)
     if resume:
         state = checkpointing.load(engine, resume)
         if state["data"] is not None:  # None after a world-size change
             loader.load_state_dict(state["data"])
+        guard.load_state_dict(state.get("guard"))
         step = state["step"]
         if dist_info.is_main:
             log.info("resumed from %s/%s at step %d", cfg.checkpoint.dir, resume.tag, step)
@@ -96,6 +100,8 @@ def train(cfg: Config) -> int:
                        use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project, config=to_dict(cfg),
                        progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
     batches = warn_missing_levels(endless(loader), cfg.loss, enabled=dist_info.is_main)
+    if resume:
+        guard.skip_on_resume(batches)
     peak, peak_source = peak_tflops(dist_info.device, cfg.logging.peak_tflops,
                                     torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
     meter = StepMeter(train_flops_per_sample=count_flops(cfg.model, pyramid=cfg.loss.kind == "pyramid").train,
@@ -108,10 +114,20 @@ def train(cfg: Config) -> int:
         t0 = time.perf_counter()
         batch = to_device(next(batches), dist_info.device)
         meter.step(data_seconds=time.perf_counter() - t0)
-        metrics = train_step(engine, batch, cfg.loss, cfg.grad_cache)
+        guard.begin(batch)
+        metrics = train_step(engine, batch, cfg.loss, cfg.grad_cache, guard)
+        applied, roll_back = guard.end(engine)  # every rank agrees on both
+        if roll_back:  # reload `latest`; the data stream goes on past the bad window (recipes/guard.py)
+            restart = guard.roll_back(engine, cfg.checkpoint.dir, to_dict(cfg), dist_info.world_size)
+            logger.advance(restart - step)
+            step = restart
+        if not applied or roll_back:  # a skipped step advances neither `step` nor the LR schedule
+            logger.show(guard.metrics())
+            continue
         step += 1
         if step % cfg.logging.every_steps == 0 or step == end:
-            logger.log(step, {**reduce_metrics(metrics), "lr": engine.get_lr()[0], **meter.read(),
+            logger.log(step, {**reduce_metrics(metrics), "lr": engine.get_lr()[0],
+                              "grad_norm": engine.get_global_grad_norm(), **guard.metrics(), **meter.read(),
                               **skip_metrics(loader.skip_counts())})
         logger.advance()
         # Periodic zero-shot eval: every rank takes part (ZeRO-3 gathers parameters collectively).
@@ -122,7 +138,8 @@ def train(cfg: Config) -> int:
         stop = preempt.agreed(step) and step < end  # collective: every rank stops after the same step
         if step % cfg.checkpoint.every_steps == 0 or step == end or stop:
             checkpointing.save(engine, cfg.checkpoint.dir, step,
-                               {"data": loader.state_dict(), "config": to_dict(cfg)}, cfg.checkpoint.keep_last)
+                               {"data": loader.state_dict(), "config": to_dict(cfg), "guard": guard.state_dict()},
+                               cfg.checkpoint.keep_last)
     logger.close()
     if stop:
         raise preemption.Preempted(step)
@@ -142,6 +159,9 @@ def main(argv=None) -> None:
     except preemption.Preempted as e:
         log.warning("%s", e)
         preemption.exit_for_requeue(e.step)  # launch_scripts/slurm.sbatch requeues the job
+    except Diverged as e:  # not requeued: launch_scripts/slurm.sbatch requeues only the preemption code
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT_CODE)
     except (ValueError, FileNotFoundError, checkpointing.CheckpointError) as e:
         sys.exit(f"error: {e}")  # bad input: one line naming the culprit, no traceback
 

@@ -10,12 +10,17 @@ from pathlib import Path
 from tests.conftest import ROOT, free_port
 
 
+def base_env() -> dict:
+    """The environment of a test run: pinned threads, no wandb, DeepSpeed on CPU, this checkout importable."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
+            "PYTHONPATH": str(ROOT)}
+
+
 def torchrun(nproc: int, module_args: list[str], timeout: int = 300, env: dict | None = None,
              check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *module_args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
-                "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**base_env(), **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
