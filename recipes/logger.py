@@ -69,7 +69,7 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
@@ -78,7 +78,13 @@ class RunLogger:
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)  # a crashed run shows as failed, not as running
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def _plain(value):

@@ -96,9 +96,6 @@ def train(cfg: Config) -> int:
             log.info("resumed from %s/%s at step %d", cfg.checkpoint.dir, resume.tag, step)
 
     end = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
-    logger = RunLogger(cfg.logging.dir, enabled=dist_info.is_main, total_steps=end, start_step=step,
-                       use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project, config=to_dict(cfg),
-                       progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
     batches = warn_missing_levels(endless(loader), cfg.loss, enabled=dist_info.is_main)
     if resume:
         guard.skip_on_resume(batches)
@@ -109,38 +106,41 @@ def train(cfg: Config) -> int:
                       peak_tflops=peak, device=dist_info.device)
     if dist_info.is_main:
         log.info("MFU against %.3g TFLOP/s per device (%s)", peak, peak_source)
-    stop = False
-    while step < end and not stop:
-        t0 = time.perf_counter()
-        batch = to_device(next(batches), dist_info.device)
-        meter.step(data_seconds=time.perf_counter() - t0)
-        guard.begin(batch)
-        metrics = train_step(engine, batch, cfg.loss, cfg.grad_cache, guard)
-        applied, roll_back = guard.end(engine)  # every rank agrees on both
-        if roll_back:  # reload `latest`; the data stream goes on past the bad window (recipes/guard.py)
-            restart = guard.roll_back(engine, cfg.checkpoint.dir, to_dict(cfg), dist_info.world_size)
-            logger.advance(restart - step)
-            step = restart
-        if not applied or roll_back:  # a skipped step advances neither `step` nor the LR schedule
-            logger.show(guard.metrics())
-            continue
-        step += 1
-        if step % cfg.logging.every_steps == 0 or step == end:
-            logger.log(step, {**reduce_metrics(metrics), "lr": engine.get_lr()[0],
-                              "grad_norm": engine.get_global_grad_norm(), **guard.metrics(), **meter.read(),
-                              **skip_metrics(loader.skip_counts())})
-        logger.advance()
-        # Periodic zero-shot eval: every rank takes part (ZeRO-3 gathers parameters collectively).
-        if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
-            logger.log(step, evaluate_live(engine.module, tokenizer, cfg.eval, cfg.data, rank=dist_info.rank,
-                                           world_size=dist_info.world_size, device=dist_info.device))
-            meter.restart()  # eval time is not training throughput
-        stop = preempt.agreed(step) and step < end  # collective: every rank stops after the same step
-        if step % cfg.checkpoint.every_steps == 0 or step == end or stop:
-            checkpointing.save(engine, cfg.checkpoint.dir, step,
-                               {"data": loader.state_dict(), "config": to_dict(cfg), "guard": guard.state_dict()},
-                               cfg.checkpoint.keep_last)
-    logger.close()
+    # The logger (its files, the progress bar, the wandb run) is closed on every way out of the loop.
+    with RunLogger(cfg.logging.dir, enabled=dist_info.is_main, total_steps=end, start_step=step,
+                   use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project, config=to_dict(cfg),
+                   progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard) as logger:
+        stop = False
+        while step < end and not stop:
+            t0 = time.perf_counter()
+            batch = to_device(next(batches), dist_info.device)
+            meter.step(data_seconds=time.perf_counter() - t0)
+            guard.begin(batch)
+            metrics = train_step(engine, batch, cfg.loss, cfg.grad_cache, guard)
+            applied, roll_back = guard.end(engine)  # every rank agrees on both
+            if roll_back:  # reload `latest`; the data stream goes on past the bad window (recipes/guard.py)
+                restart = guard.roll_back(engine, cfg.checkpoint.dir, to_dict(cfg), dist_info.world_size)
+                logger.advance(restart - step)
+                step = restart
+            if not applied or roll_back:  # a skipped step advances neither `step` nor the LR schedule
+                logger.show(guard.metrics())
+                continue
+            step += 1
+            if step % cfg.logging.every_steps == 0 or step == end:
+                logger.log(step, {**reduce_metrics(metrics), "lr": engine.get_lr()[0],
+                                  "grad_norm": engine.get_global_grad_norm(), **guard.metrics(), **meter.read(),
+                                  **skip_metrics(loader.skip_counts())})
+            logger.advance()
+            # Periodic zero-shot eval: every rank takes part (ZeRO-3 gathers parameters collectively).
+            if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
+                logger.log(step, evaluate_live(engine.module, tokenizer, cfg.eval, cfg.data, rank=dist_info.rank,
+                                               world_size=dist_info.world_size, device=dist_info.device))
+                meter.restart()  # eval time is not training throughput
+            stop = preempt.agreed(step) and step < end  # collective: every rank stops after the same step
+            if step % cfg.checkpoint.every_steps == 0 or step == end or stop:
+                checkpointing.save(engine, cfg.checkpoint.dir, step,
+                                   {"data": loader.state_dict(), "config": to_dict(cfg), "guard": guard.state_dict()},
+                                   cfg.checkpoint.keep_last)
     if stop:
         raise preemption.Preempted(step)
     return step
