@@ -10,6 +10,9 @@ from typing import Literal
 from model.config_tree import build, require
 
 Attention = Literal["vanilla", "hier"]
+# Activation checkpointing of a tower's transformer blocks (model/transformer.py): `blocks` recomputes every block
+# in backward (keeps only each block's input), `every_k` every k-th block (blocks 0, k, 2k, ...), a dial between.
+Checkpointing = Literal["none", "blocks", "every_k"]
 
 
 @dataclass
@@ -39,9 +42,15 @@ class VisionConfig:
     region_source: Literal["boxes", "features"] = "boxes"  # boxes: ROI-align on own patch features | features: detector features
     region_feature_dim: int = 2052  # 2048-d detector feature + 4-d box, when region_source = features
     max_regions: int = 10
+    checkpointing: Checkpointing = "none"
+    checkpoint_every: int = 2  # with checkpointing = every_k
+    # Fraction of patch tokens dropped in training (FLIP), never in evaluation. Vanilla attention: random patches;
+    # hier: random whole rows and columns, so the kept patches form a smaller grid (docs/method.md §1.5).
+    patch_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _check_tower(self)
+        require(0.0 <= self.patch_dropout < 1.0, "patch_dropout", self.patch_dropout, "in [0, 1)")
         require(self.patch_size >= 1 and self.image_size % self.patch_size == 0, "patch_size", self.patch_size,
                 f"≥ 1 and a divisor of image_size ({self.image_size})")
         # Negative counts from the top; one beyond the depth makes every block f2 (model/vision.py).
@@ -65,6 +74,8 @@ class TextConfig:
     mlp_ratio: float = 4.0
     causal: bool = True
     attention: Attention = "vanilla"
+    checkpointing: Checkpointing = "none"
+    checkpoint_every: int = 2  # with checkpointing = every_k
 
     def __post_init__(self) -> None:
         _check_tower(self)
@@ -80,6 +91,9 @@ def _check_tower(cfg: VisionConfig | TextConfig) -> None:
     require(cfg.width >= 1, "width", cfg.width, "≥ 1")
     require(cfg.heads >= 1 and cfg.width % cfg.heads == 0, "heads", cfg.heads, f"≥ 1 and a divisor of width ({cfg.width})")
     require(cfg.mlp_ratio > 0, "mlp_ratio", cfg.mlp_ratio, "> 0")
+    require(cfg.checkpointing in ("none", "blocks", "every_k"), "checkpointing", cfg.checkpointing,
+            "one of none, blocks, every_k")
+    require(cfg.checkpoint_every >= 1, "checkpoint_every", cfg.checkpoint_every, "≥ 1")
 
 
 @dataclass

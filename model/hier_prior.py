@@ -124,10 +124,12 @@ class GroupPrior(_NeighbourScorer):
         self.grid = grid
         self.has_cls = has_cls
 
-    def forward(self, x: Tensor, prev_links: tuple[Tensor, Tensor] | None, key_padding_mask: Tensor | None):
+    def forward(self, x: Tensor, prev_links: tuple[Tensor, Tensor] | None, key_padding_mask: Tensor | None,
+                grid: tuple[int, int] | None = None):
+        """grid: the tokens' grid when not the module's own (patch dropout keeps a sub-grid of rows and columns)."""
         if key_padding_mask is not None:
             raise ValueError("GroupPrior: a patch grid has no padding (key_padding_mask must be None)")
-        h, w = self.grid
+        h, w = grid or self.grid
         patches = x[:, 1:] if self.has_cls else x
         q, k = self.project(patches.unflatten(1, (h, w)))  # [B, H, W, D]
         east = self.score(q[:, :, :-1], k[:, :, 1:])  # (r, c) -> (r, c+1)

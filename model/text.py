@@ -35,7 +35,8 @@ class TextTower(nn.Module):
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, dropout, _make_prior(cfg, hier))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, dropout, _make_prior(cfg, hier),
+                                       cfg.checkpointing, cfg.checkpoint_every)
         self.ln_final = nn.LayerNorm(cfg.width)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
 

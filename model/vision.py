@@ -2,8 +2,14 @@
 
 PyramidCLIP's region branch shares the tower: the blocks before `region_split` are f1, the rest f2. Region
 tokens (model/regions.py) run through f2 behind a region CLS token, and the shared head projects that CLS.
+
+Patch dropout (FLIP; `patch_dropout`, training only) removes patch tokens before the first block. Vanilla
+attention keeps a random subset; HiCLIP's Group prior keeps random whole rows and whole columns, so the kept
+patches form a smaller grid on which the prior is well defined (docs/method.md §1.5).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +38,8 @@ class VisionTower(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(width) * width**-0.5)
         self.pos_embed = nn.Parameter(torch.randn(cfg.grid_size**2 + 1, width) * width**-0.5)
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, dropout, _make_prior(cfg, hier))
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, dropout, _make_prior(cfg, hier),
+                                       cfg.checkpointing, cfg.checkpoint_every)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         # Negative: the last |region_split| blocks are f2, or all of them in a tower that has fewer.
@@ -49,12 +56,40 @@ class VisionTower(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
         return self.ln_pre(x)
 
+    def drop_patches(self, x: Tensor) -> tuple[Tensor, tuple[int, int] | None, Tensor | None]:
+        """Patch dropout in training: (kept tokens, CLS first; their grid for the hier prior; keep [B, K]).
+
+        keep holds each kept patch's row-major index in the full grid, ascending (kept rows and columns in order,
+        so a kept patch's grid neighbours are its nearest kept ones). In evaluation, or with patch_dropout = 0,
+        the tokens pass unchanged and grid, keep are None. Draws from torch's default generator on the tokens'
+        device, which the gradient cache saves and restores per chunk.
+        """
+        p, g = self.cfg.patch_dropout, self.cfg.grid_size
+        if not self.training or p == 0.0:
+            return x, None, None
+        b, device = x.shape[0], x.device
+
+        def first(count: int, of: int) -> Tensor:  # per sample, `count` of range(of) at random, ascending
+            return torch.rand(b, of, device=device).argsort(dim=-1)[:, :count].sort(dim=-1).values
+
+        grid = None
+        if self.cfg.attention == "hier":
+            # Kept fraction (side / g)² ≈ 1 - p; at least 2 × 2 so every kept patch has a neighbour on each axis.
+            side = min(g, max(2, round(g * math.sqrt(1.0 - p))))
+            keep = (first(side, g)[:, :, None] * g + first(side, g)[:, None, :]).flatten(1)
+            grid = (side, side)
+        else:
+            keep = first(max(1, int(g * g * (1.0 - p))), g * g)
+        patches = x[:, 1:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        return torch.cat([x[:, :1], patches], dim=1), grid, keep
+
     def head(self, x: Tensor) -> Tensor:
         """Pool the CLS token and project."""
         return self.proj(self.ln_post(x[:, 0]))
 
     def forward(self, image: Tensor) -> Tensor:
-        return self.head(self.transformer(self.tokens(image)))
+        x, grid, _ = self.drop_patches(self.tokens(image))
+        return self.head(self.transformer(x, grid=grid))
 
     def forward_with_regions(self, image: Tensor, boxes_mask: Tensor, boxes: Tensor | None = None,
                              region_features: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -66,11 +101,12 @@ class VisionTower(nn.Module):
         tokens, padding masked; a sample without boxes gets the CLS alone (its level is masked in the loss).
         """
         split = self.region_split
-        x, links = self.transformer(self.tokens(image), end=split, return_links=True)
-        views = self.head(self.transformer(x, start=split, links=links[-1] if links else None))
+        x, grid, keep = self.drop_patches(self.tokens(image))
+        x, links = self.transformer(x, end=split, return_links=True, grid=grid)
+        views = self.head(self.transformer(x, start=split, links=links[-1] if links else None, grid=grid))
         b = boxes_mask.shape[0]
-        tokens, pad = self.regions(patches=x[:b, 1:], boxes=boxes, region_features=region_features,
-                                   boxes_mask=boxes_mask)
+        tokens, pad = self.regions(patches=x[:b, 1:], keep=None if keep is None else keep[:b], boxes=boxes,
+                                   region_features=region_features, boxes_mask=boxes_mask)
         # Regions are neither a sequence nor a grid: the top blocks attend over them without a hierarchy prior.
         regions = self.transformer(tokens, key_padding_mask=pad, start=split, use_prior=False)
         return views, self.head(regions)
