@@ -86,6 +86,13 @@ class Block(nn.Module):
         return x, links
 
 
+def checkpoint_plan(checkpointing: Checkpointing, checkpoint_every: int, layers: int) -> list[bool]:
+    """Which blocks recompute in backward. By absolute block index, so a block is checkpointed or not whichever
+    slice (f1, f2) runs it."""
+    every = {"none": 0, "blocks": 1, "every_k": checkpoint_every}[checkpointing]
+    return [every > 0 and i % every == 0 for i in range(layers)]
+
+
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, dropout: float,
                  make_prior: Callable[[], nn.Module] | None = None, checkpointing: Checkpointing = "none",
@@ -95,9 +102,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio, dropout, make_prior() if make_prior else None) for _ in range(layers)
         )
-        every = {"none": 0, "blocks": 1, "every_k": checkpoint_every}[checkpointing]
-        # By absolute block index, so a block is checkpointed or not whichever slice (f1, f2) runs it.
-        self.checkpointed = [every > 0 and i % every == 0 for i in range(layers)]
+        self.checkpointed = checkpoint_plan(checkpointing, checkpoint_every, layers)
 
     def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None, causal: bool = False,
                 start: int = 0, end: int | None = None, links: Tensor | None = None,
