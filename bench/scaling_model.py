@@ -88,6 +88,7 @@ def model_numbers(inputs: Inputs) -> ModelNumbers:
     from model.clip import CLIP
     from model.flops import count_flops
     from recipes.config import load_config
+    from recipes.dry_run import activation_bytes_per_sample
 
     cfg = load_config(inputs.recipe)
     pyramid = cfg.loss.kind == "pyramid"
@@ -111,20 +112,6 @@ def model_numbers(inputs: Inputs) -> ModelNumbers:
     )
 
 
-def activation_bytes_per_sample(cfg, pyramid: bool) -> int:
-    """Korthikanti et al. 2022 (eq. 1): one 16-bit transformer block keeps s·h·(34 + 5·a·s/h) bytes per sample
-    for its backward; HiCLIP adds one fp32 N×N prior per sample and block (shared by the heads)."""
-    def tower(tokens: int, width: int, heads: int, layers: int, hier: bool) -> float:
-        block = tokens * width * (34 + 5 * heads * tokens / width) + (4 * tokens**2 if hier else 0)
-        return layers * block
-
-    v, t = cfg.vision, cfg.text
-    image = tower(v.grid_size**2 + 1, v.width, v.heads, v.layers, v.attention == "hier")
-    text = tower(t.context_length, t.width, t.heads, t.layers, t.attention == "hier")
-    views, texts = (2, 3) if pyramid else (1, 1)
-    return int(views * image + texts * text)
-
-
 # --------------------------------------------------------------------------- one step at one world size
 @dataclass(frozen=True)
 class Collective:
@@ -145,8 +132,9 @@ class Collective:
 
 def chunk_size(inputs: Inputs, m: ModelNumbers) -> int:
     """Largest power of two whose activations fit the budget: the gradient cache's per-GPU chunk."""
-    fit = inputs.activation_budget * inputs.hbm_gb * GB / m.activation_bytes
-    return 2 ** int(math.log2(fit))
+    from recipes.dry_run import batch_that_fits
+
+    return batch_that_fits(m.activation_bytes, inputs.activation_budget * inputs.hbm_gb * GB)
 
 
 def step_model(inputs: Inputs, m: ModelNumbers, world: int, fabric: Fabric) -> dict:

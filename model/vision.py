@@ -29,6 +29,18 @@ def _make_prior(cfg: VisionConfig, hier: HierConfig):
     return lambda: GroupPrior(cfg.width, grid=(cfg.grid_size, cfg.grid_size), has_cls=True, cfg=hier)
 
 
+def kept_patches(cfg: VisionConfig) -> tuple[int, int | None]:
+    """(patch tokens a training forward keeps, side of the kept square grid with hier attention, else None)."""
+    p, g = cfg.patch_dropout, cfg.grid_size
+    if p == 0.0:
+        return g * g, None
+    if cfg.attention == "hier":
+        # Kept fraction (side / g)² ≈ 1 - p; at least 2 × 2 so every kept patch has a neighbour on each axis.
+        side = min(g, max(2, round(g * math.sqrt(1.0 - p))))
+        return side * side, side
+    return max(1, int(g * g * (1.0 - p))), None
+
+
 class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int, dropout: float, hier: HierConfig):
         super().__init__()
@@ -64,22 +76,20 @@ class VisionTower(nn.Module):
         the tokens pass unchanged and grid, keep are None. Draws from torch's default generator on the tokens'
         device, which the gradient cache saves and restores per chunk.
         """
-        p, g = self.cfg.patch_dropout, self.cfg.grid_size
-        if not self.training or p == 0.0:
+        if not self.training or self.cfg.patch_dropout == 0.0:
             return x, None, None
-        b, device = x.shape[0], x.device
+        b, device, g = x.shape[0], x.device, self.cfg.grid_size
+        count, side = kept_patches(self.cfg)
 
         def first(count: int, of: int) -> Tensor:  # per sample, `count` of range(of) at random, ascending
             return torch.rand(b, of, device=device).argsort(dim=-1)[:, :count].sort(dim=-1).values
 
         grid = None
-        if self.cfg.attention == "hier":
-            # Kept fraction (side / g)² ≈ 1 - p; at least 2 × 2 so every kept patch has a neighbour on each axis.
-            side = min(g, max(2, round(g * math.sqrt(1.0 - p))))
+        if side is not None:  # whole rows and whole columns
             keep = (first(side, g)[:, :, None] * g + first(side, g)[:, None, :]).flatten(1)
             grid = (side, side)
         else:
-            keep = first(max(1, int(g * g * (1.0 - p))), g * g)
+            keep = first(count, g * g)
         patches = x[:, 1:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
         return torch.cat([x[:, :1], patches], dim=1), grid, keep
 

@@ -4,17 +4,24 @@
     python -m recipes.dry_run recipes/configs/*_b32.yaml recipes/configs/*_b16.yaml   # the docs/recipes.md table
 
 The model is built on the meta device (shapes only) to count parameters; FLOPs come from model/flops.py; the
-per-GPU memory of model states (parameters, gradients, Adam moments: not activations) under ZeRO-2 and ZeRO-3
-comes from DeepSpeed's own estimators, which take parameter counts.
+per-GPU memory of model states (parameters, gradients, Adam moments) under ZeRO-2 and ZeRO-3 comes from
+DeepSpeed's own estimators, which take parameter counts. Activations per sample come from the analytic model in
+`activation_bytes_per_sample` (with and without activation checkpointing, and under the recipe's own levers),
+and give the per-GPU batch, or gradient-cache chunk, that fits an 80 GB GPU (docs/scaling.md).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
 from model.clip import CLIP
+from model.config import ModelConfig
 from model.flops import count_flops
+from model.transformer import checkpoint_plan
+from model.vision import kept_patches
 from recipes.config import Config
 from recipes.engine import deepspeed_config, zero_stage
 from recipes.metrics import PEAK_BF16_TFLOPS
@@ -22,6 +29,42 @@ from recipes.metrics import PEAK_BF16_TFLOPS
 ASSUMED_MFU = 0.4  # for the wall-time line only: a typical well-tuned CLIP run on H100s
 H100_TFLOPS = dict(PEAK_BF16_TFLOPS)["H100"]
 GIB = 2**30
+GB = 1e9
+HBM_GB = 80.0  # A100 / H100 80 GB
+ACTIVATION_BUDGET = 0.5  # of HBM for one step's (or chunk's) activations; the rest: states, logits, allocator slack
+
+
+def activation_bytes_per_sample(cfg: ModelConfig, pyramid: bool) -> int:
+    """Activation bytes one sample holds at the backward's peak in 16-bit training, under the config's levers.
+
+    A block that is not recomputed keeps s·h·(34 + 5·a·s/h) bytes for its backward (Korthikanti et al. 2022, eq.
+    1: s tokens, width h, a heads); a HiCLIP block adds its fp32 N×N prior, 4·s². A checkpointed block keeps only
+    its input, 2·s·h (the links are O(s)); while backward recomputes one block, that block's full activations
+    for all of the call's views (or texts) are live once more, on top of what the others keep. Patch dropout:
+    a training forward sees 1 + the kept patches.
+    """
+    def tower(tokens: int, width: int, heads: int, layers: int, hier: bool, plan: list[bool], copies: int):
+        full = tokens * width * (34 + 5 * heads * tokens / width) + (4 * tokens**2 if hier else 0)
+        kept = sum(2 * tokens * width if checkpointed else full for checkpointed in plan)
+        return copies * kept, copies * full if any(plan) else 0
+
+    v, t = cfg.vision, cfg.text
+    views, texts = (2, 3) if pyramid else (1, 1)
+    image, image_recompute = tower(1 + kept_patches(v)[0], v.width, v.heads, v.layers, v.attention == "hier",
+                                   checkpoint_plan(v.checkpointing, v.checkpoint_every, v.layers), views)
+    text, text_recompute = tower(t.context_length, t.width, t.heads, t.layers, t.attention == "hier",
+                                 checkpoint_plan(t.checkpointing, t.checkpoint_every, t.layers), texts)
+    return int(image + text + max(image_recompute, text_recompute))
+
+
+def batch_that_fits(bytes_per_sample: float, budget_bytes: float = ACTIVATION_BUDGET * HBM_GB * GB) -> int:
+    """The largest power of two of samples whose activations fit the budget: a per-GPU batch or cache chunk."""
+    return 2 ** int(math.log2(budget_bytes / bytes_per_sample))
+
+
+def with_checkpointing(cfg: ModelConfig, mode: str) -> ModelConfig:
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, checkpointing=mode),
+                               text=dataclasses.replace(cfg.text, checkpointing=mode))
 
 
 @dataclass
@@ -44,6 +87,11 @@ class DryRun:
     zero3_gb: float
     zero2_offload_gb: float
     zero3_offload_gb: float
+    batch_per_gpu: int
+    chunk_size: int  # grad_cache.chunk_size of the recipe; 0 = off
+    activation_gb: float  # per sample under the recipe's levers
+    activation_gb_none: float  # per sample without checkpointing (the recipe's patch dropout kept)
+    activation_gb_blocks: float  # per sample with block checkpointing in both towers
 
     @property
     def total_flops(self) -> float:
@@ -51,6 +99,20 @@ class DryRun:
 
     def hours_on_h100(self, mfu: float = ASSUMED_MFU) -> float:
         return self.total_flops / (self.world_size * H100_TFLOPS * 1e12 * mfu) / 3600
+
+    def fits(self, gb_per_sample: float) -> int:
+        return batch_that_fits(gb_per_sample * GB)
+
+    def memory_advice(self) -> str:
+        """Whether the recipe's per-GPU batch (or chunk) fits, and the cheapest lever that makes it fit."""
+        need = self.chunk_size or self.batch_per_gpu
+        what = f"chunk {need}" if self.chunk_size else f"batch {need}/GPU"
+        if need <= self.fits(self.activation_gb):
+            return f"{what} fits"
+        if need <= self.fits(self.activation_gb_blocks):
+            return f"{what} does not fit: checkpointing=blocks makes it fit (about +1 forward, no extra ZeRO-3 gathers)"
+        return (f"{what} does not fit even with checkpointing: grad_cache.chunk_size="
+                f"{self.fits(self.activation_gb_blocks)} with checkpointing=blocks, or {self.fits(self.activation_gb_none)} without")
 
     def table(self) -> str:
         m = 1e6
@@ -70,6 +132,12 @@ class DryRun:
                                     f"offload {self.zero2_offload_gb:.2f} / {self.zero3_offload_gb:.2f} GiB "
                                     f"(recipe uses ZeRO-{self.zero_stage}; {self.world_size} GPUs, "
                                     f"{self.gpus_per_node} per node)"),
+            ("activations/sample", f"{self.activation_gb_none:.3f} GB without checkpointing, "
+                                   f"{self.activation_gb_blocks:.3f} GB with checkpointing=blocks, "
+                                   f"{self.activation_gb:.3f} GB as configured (16-bit, analytic)"),
+            (f"fits {HBM_GB:.0f} GB", f"per-GPU batch or cache chunk {self.fits(self.activation_gb_none)} without "
+                                 f"checkpointing, {self.fits(self.activation_gb_blocks)} with it "
+                                 f"({ACTIVATION_BUDGET:.0%} of HBM for activations); {self.memory_advice()}"),
         ]
         return "\n".join(f"{name:<20}{value}" for name, value in rows)
 
@@ -108,12 +176,18 @@ def dry_run(cfg: Config, world_size: int, gpus_per_node: int = 8) -> DryRun:
     flops = count_flops(cfg.model, pyramid=cfg.loss.kind == "pyramid")
     global_batch = cfg.train.batch_size * world_size
     samples = cfg.data.train_num_samples
+    pyramid = cfg.loss.kind == "pyramid"
+    activations = {mode: activation_bytes_per_sample(with_checkpointing(cfg.model, mode), pyramid) / GB
+                   for mode in ("none", "blocks")}
     return DryRun(
         params=params, params_vision=vision, params_text=text, params_prior=prior, largest_layer_params=largest,
         forward_flops=flops.forward, train_flops=flops.train, world_size=world_size,
         gpus_per_node=min(gpus_per_node, world_size), global_batch=global_batch, steps=cfg.train.steps,
         warmup_steps=cfg.train.warmup_steps, epochs=cfg.train.steps * global_batch / samples if samples else None,
         zero_stage=zero_stage(ds), **model_state_gib(params, largest, world_size, gpus_per_node),
+        batch_per_gpu=cfg.train.batch_size, chunk_size=cfg.grad_cache.chunk_size,
+        activation_gb=activation_bytes_per_sample(cfg.model, pyramid) / GB,
+        activation_gb_none=activations["none"], activation_gb_blocks=activations["blocks"],
     )
 
 

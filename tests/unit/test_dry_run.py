@@ -63,3 +63,25 @@ def test_cli_prints_the_table(capsys):
 def test_world_size_must_fill_whole_nodes():
     with pytest.raises(ValueError, match="multiple of"):
         dry_run(load_config(ROOT / "recipes/configs/clip_b32.yaml"), world_size=12, gpus_per_node=8)
+
+
+def test_levers_change_the_activation_memory_and_what_fits():
+    from recipes.dry_run import activation_bytes_per_sample, batch_that_fits
+
+    cfg = load_config(ROOT / "recipes/configs/hiclip_pyramid_b16.yaml")
+    none = activation_bytes_per_sample(cfg.model, pyramid=True)
+    run = dry_run(cfg, world_size=32)
+    assert run.activation_gb_none * 1e9 == pytest.approx(none) and run.activation_gb == run.activation_gb_none
+    # Checkpointed blocks keep their input only, plus one block recomputed: about a tenth of none at 12 layers.
+    assert 0.05 < run.activation_gb_blocks / run.activation_gb_none < 0.15
+    every_2 = load_config(ROOT / "recipes/configs/hiclip_pyramid_b16.yaml",
+                          ["model.vision.checkpointing=every_k", "model.text.checkpointing=every_k"])
+    assert run.activation_gb_blocks * 1e9 < activation_bytes_per_sample(every_2.model, True) < none
+    # Patch dropout 0.5 on the hier grid keeps 10 x 10 of 14 x 14 patches: the image activations shrink about 2x.
+    dropped = load_config(ROOT / "recipes/configs/hiclip_pyramid_b16.yaml", ["model.vision.patch_dropout=0.5"])
+    assert 0.4 < activation_bytes_per_sample(dropped.model, True) / none < 0.75
+    assert batch_that_fits(none) == 128 and run.fits(run.activation_gb_blocks) == 1024
+    big = load_config(ROOT / "recipes/configs/hiclip_pyramid_b16.yaml", ["train.batch_size=512"])
+    assert "checkpointing=blocks makes it fit" in dry_run(big, world_size=32).memory_advice()
+    huge = load_config(ROOT / "recipes/configs/hiclip_pyramid_b16.yaml", ["train.batch_size=4096"])
+    assert "grad_cache.chunk_size=1024 with checkpointing=blocks, or 128 without" in dry_run(huge, 32).memory_advice()
