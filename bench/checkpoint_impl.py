@@ -2,8 +2,9 @@
 `deepspeed.checkpointing.checkpoint`, measured side by side under ZeRO-3.
 
 One DeepSpeed engine (ZeRO-3, fp32, one CPU rank, `ds_configs/zero3.json` with every parameter partitioned) holds a
-HiCLIP model at ViT-B/16 width (224 px, 16 px patches, width 768, 12 heads; text 512 wide, 8 heads) cut to 4
-vision and 4 text blocks for CPU time, CLIP loss, batch 4, dropout 0.1. The same engine and weights run one
+HiCLIP model (hier attention through `attn_impl: reference`) at ViT-B/16 width (224 px, 16 px patches, width
+768, 12 heads; text 512 wide, 8 heads) cut to 4 vision and 4 text blocks for CPU time, CLIP loss, batch 4,
+dropout 0.1. The same engine and weights run one
 training step (forward, loss, backward; lr = 0) per variant in turn, `--reps` rounds:
 - none: no checkpointing;
 - torch: every block through torch's non-reentrant checkpoint (what model/transformer.py does);

@@ -5,7 +5,8 @@ case to OUT_FILE.
     torchrun --nproc_per_node 2 tests/integration/grad_cache_worker.py OUT_FILE CASES_JSON
 
 A case: {"name", "stage": 2|3, "loss": clip|pyramid, "attention": vanilla|hier, "region_source", "dropout", "reduction",
-"missing_on_rank1": bool (rank 1's samples have no regions and no summaries), "replay_rng": bool}.
+"missing_on_rank1": bool (rank 1's samples have no regions and no summaries), "replay_rng": bool, optional
+"patch_dropout"}.
 """
 import json
 import sys
@@ -32,6 +33,7 @@ def build(case: dict, info):
     cfg = load_config(None, [f"train.ds_config=ds_configs/zero{case['stage']}.json", f"train.batch_size={BATCH}",
                              "train.lr=0.0", "train.grad_clip=0.0", "train.precision=fp32", "train.warmup_steps=1"])
     cfg.model = small_config(case["attention"], region_source=case["region_source"], dropout=case["dropout"])
+    cfg.model.vision.patch_dropout = case.get("patch_dropout", 0.0)
     ds = deepspeed_config(cfg)
     # Partition every parameter under ZeRO-3, however small (the recipe's threshold keeps tiny ones whole).
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0

@@ -27,6 +27,8 @@ CASES = {
     2: MATRIX + [
         dict(BASE, name="rank1-lacks-regions-and-summaries", stage=3, loss="pyramid", missing_on_rank1=True),
         dict(BASE, name="hier-zero3", stage=3, loss="pyramid", attention="hier"),
+        # Each replayed chunk draws the same kept rows and columns as its first pass (the RNG replay covers it).
+        dict(BASE, name="hier-zero3-patch-dropout", stage=3, loss="pyramid", attention="hier", patch_dropout=0.5),
         dict(BASE, name="boundary-reduction", stage=3, loss="pyramid", reduction="boundary"),
         # Regions from precomputed detector features (a linear embedding) instead of ROI-align over the tower.
         dict(BASE, name="detector-features-zero3", stage=3, loss="pyramid", region_source="features"),

@@ -53,6 +53,19 @@ def test_checkpointing_gives_the_same_gradients(mode, every, patch_dropout):
     assert max(((other[n] - g).norm() / g.norm()).item() for n, g in ref.items()) > 1e-2
 
 
+def test_checkpointing_in_bf16_gives_the_same_gradients():
+    cfg = small_config("hier", dropout=0.2)
+    batch = pyramid_batch()
+    torch.manual_seed(0)
+    plain = CLIP(cfg).train().to(torch.bfloat16)
+    checkpointed = CLIP(with_levers(cfg, "blocks")).train().to(torch.bfloat16)
+    checkpointed.load_state_dict(plain.state_dict())
+    ref, got = grads(plain, batch, seed=7), grads(checkpointed, batch, seed=7)
+    assert all(g.dtype == torch.bfloat16 for g in got.values())
+    for name, g in ref.items():
+        torch.testing.assert_close(got[name], g, rtol=0, atol=0, msg=name)  # the same kernels on the same values
+
+
 def saved_bytes(model: CLIP, batch: dict) -> int:
     """Bytes autograd keeps for backward outside checkpointed regions (parameters excluded, storages once)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
