@@ -12,11 +12,11 @@ Memory, per sample: the bytes of every live tensor at the step's peak, counted b
 TorchDispatchMode that sees every tensor storage the step creates, once, and a snapshot at the peak), minus the
 parameters and their gradients in that snapshot (gradients are allocated by the warm-up step and added into,
 so the peak of the total is the peak of the rest): activations kept for backward, recomputed activations, and
-temporaries — what grows with the batch — divided by the batch. No gradient flows into the token embedding: its backward
-alone makes a dense 96.5 MiB gradient at the end of every step, a fixed cost that would otherwise be the peak
-at these small batches. A last row measures CLIP at the full 12 + 12
-blocks, memory only (the ratio depends on depth: one block's recomputation is live at the backward's peak). It is the allocator-free live-tensor total,
-not the resident set.
+temporaries — what grows with the batch — divided by the batch. It is the allocator-free live-tensor total, not
+the resident set. No gradient flows into the token embedding: its backward alone makes a dense 96.5 MiB
+gradient at the end of every step, a fixed cost that would otherwise be the peak at these small batches. A last
+row measures CLIP at the full 12 + 12 blocks, memory only (the ratio depends on depth: one block's
+recomputation is live at the backward's peak).
 Time: the process's CPU time of one step (one intra-op thread, so it is the work done whatever else the shared
 machine runs), the median of `--reps` rounds; within a round every configuration runs once, so load drift hits all
 of them alike, and MemTracker runs in a separate round (it slows the step). "image tower" rows time the vision

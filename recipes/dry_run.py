@@ -112,7 +112,8 @@ class DryRun:
         if need <= self.fits(self.activation_gb_blocks):
             return f"{what} does not fit: checkpointing=blocks makes it fit (about +1 forward, no extra ZeRO-3 gathers)"
         return (f"{what} does not fit even with checkpointing: grad_cache.chunk_size="
-                f"{self.fits(self.activation_gb_blocks)} with checkpointing=blocks, or {self.fits(self.activation_gb_none)} without")
+                f"{self.fits(self.activation_gb_blocks)} with checkpointing=blocks, "
+                f"or {self.fits(self.activation_gb_none)} without")
 
     def table(self) -> str:
         m = 1e6

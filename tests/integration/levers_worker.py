@@ -18,11 +18,11 @@ import torch.distributed as dist
 from bench.zero_memory import counting_gathers
 from model import transformer
 from model.losses import LossConfig, compute_loss
+from recipes.config import load_config
 from recipes.engine import build_engine, deepspeed_config, init_distributed
 from recipes.grad_cache import GradCacheConfig, cached_backward
 from recipes.step import split_levels
 from tests.integration.grad_cache_worker import BATCH, CHUNK, full_grads, make_batch
-from recipes.config import load_config
 from tests.unit.test_pyramid_model import small_config
 
 
