@@ -91,9 +91,8 @@ def main() -> None:
     cfg = load_config(None, [
         "model.preset=vit_b16", "model.vision.layers=4", "model.text.layers=4", "model.vision.attention=hier",
         "model.text.attention=hier", "model.dropout=0.1", "model.hier.attn_impl=reference",
-        f"train.batch_size={args.batch}", "train.precision=fp32", "train.grad_clip=0.0",
+        f"train.batch_size={args.batch}", "train.precision=fp32", "train.lr=0.0", "train.grad_clip=0.0",
         "train.warmup_steps=1", "loss.kind=clip"])
-    cfg.train.lr = 0.0  # below the recipe range on purpose: engine.step() only clears the gradients
     init_distributed()
     deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=False)
     ds = deepspeed_config(cfg)

@@ -45,7 +45,7 @@ class VisionConfig:
     checkpointing: Checkpointing = "none"
     checkpoint_every: int = 2  # with checkpointing = every_k
     # Fraction of patch tokens dropped in training (FLIP), never in evaluation. Vanilla attention: random patches;
-    # hier: random whole rows and columns, so the kept patches form a smaller grid (docs/method.md §1.5).
+    # hier: random whole rows and columns, so the kept patches form a smaller grid (docs/method.md §1.6).
     patch_dropout: float = 0.0
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ The tokens then run through the top blocks (f2) behind a region CLS token of the
 Under patch dropout only the kept patches exist at the split. ROI-align then reads a normalised map: the kept
 features scattered back to their grid cells (zeros elsewhere) and a second map that is 1 on kept cells, both
 pooled by the same bilinear ROI-align, the first divided by the second. A box thus averages the kept patches
-it samples, each with the bilinear weight it would have had (docs/method.md §1.5); with nothing dropped the
+it samples, each with the bilinear weight it would have had (docs/method.md §1.6); with nothing dropped the
 plain ROI-align runs.
 """
 from __future__ import annotations

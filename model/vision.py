@@ -5,7 +5,7 @@ tokens (model/regions.py) run through f2 behind a region CLS token, and the shar
 
 Patch dropout (FLIP; `patch_dropout`, training only) removes patch tokens before the first block. Vanilla
 attention keeps a random subset; HiCLIP's Group prior keeps random whole rows and whole columns, so the kept
-patches form a smaller grid on which the prior is well defined (docs/method.md §1.5).
+patches form a smaller grid on which the prior is well defined (docs/method.md §1.6).
 """
 from __future__ import annotations
 

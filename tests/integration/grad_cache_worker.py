@@ -31,10 +31,9 @@ BATCH, CHUNK = 6, 4  # per rank: two chunks of unequal size
 
 def build(case: dict, info):
     cfg = load_config(None, [f"train.ds_config=ds_configs/zero{case['stage']}.json", f"train.batch_size={BATCH}",
-                             "train.grad_clip=0.0", "train.precision=fp32", "train.warmup_steps=1"])
+                             "train.lr=0.0", "train.grad_clip=0.0", "train.precision=fp32", "train.warmup_steps=1"])
     cfg.model = small_config(case["attention"], region_source=case["region_source"], dropout=case["dropout"])
     cfg.model.vision.patch_dropout = case.get("patch_dropout", 0.0)
-    cfg.train.lr = 0.0  # below the recipe range on purpose: engine.step() then only clears the gradients
     ds = deepspeed_config(cfg)
     # Partition every parameter under ZeRO-3, however small (the recipe's threshold keeps tiny ones whole).
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0

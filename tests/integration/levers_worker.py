@@ -28,13 +28,12 @@ from tests.unit.test_pyramid_model import small_config
 
 def build(case: dict, checkpointing: str):
     cfg = load_config(None, [f"train.ds_config=ds_configs/zero{case['stage']}.json", f"train.batch_size={BATCH}",
-                             "train.grad_clip=0.0", "train.precision=fp32", "train.warmup_steps=1"])
+                             "train.lr=0.0", "train.grad_clip=0.0", "train.precision=fp32", "train.warmup_steps=1"])
     model = small_config("hier", dropout=0.1)
     model.vision = dataclasses.replace(model.vision, layers=4, checkpointing=checkpointing, checkpoint_every=2,
                                        patch_dropout=case["patch_dropout"])
     model.text = dataclasses.replace(model.text, checkpointing=checkpointing, checkpoint_every=2)
     cfg.model = model
-    cfg.train.lr = 0.0  # below the recipe range on purpose: engine.step() then only clears the gradients
     ds = deepspeed_config(cfg)
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter under ZeRO-3
     torch.manual_seed(0)
