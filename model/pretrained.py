@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.clip import CLIP
@@ -62,17 +63,44 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return shards
 
 
+class ModelFolderError(ValueError):
+    """A consolidated folder that cannot be loaded: the message names the file and the cause, in one line."""
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelFolderError(f"{path}: not readable JSON ({e})") from e
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelFolderError(f"{path} is missing")
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as e:  # truncated, or not safetensors at all
+        raise ModelFolderError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     if (folder / INDEX_NAME).is_file():
-        weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+        if (folder / WEIGHTS_NAME).is_file():  # two conversions mixed in one folder: which one is meant?
+            raise ModelFolderError(f"{folder} holds both {WEIGHTS_NAME} and {INDEX_NAME} (left by another "
+                                   "conversion): convert into a fresh folder")
+        index = _read_json(folder / INDEX_NAME)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) and Path(n).name == n
+                                                       for n in weight_map.values()):
+            raise ModelFolderError(f"{folder / INDEX_NAME}: no 'weight_map' of tensor names to file names in this folder")
         state = {}
         for name in sorted(set(weight_map.values())):
-            state.update(load_file(folder / name))
+            state.update(_load_weights(folder / name))
         return state
     if not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not a consolidated model folder (no {WEIGHTS_NAME} or {INDEX_NAME})")
-    return load_file(folder / WEIGHTS_NAME)
+    return _load_weights(folder / WEIGHTS_NAME)
 
 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[CLIP, ModelConfig]:
@@ -80,13 +108,22 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> t
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} is not a consolidated model folder (no {CONFIG_NAME})")
+    data = _read_json(config_path)
     try:
-        cfg = model_config_from_dict(json.loads(config_path.read_text()))
+        cfg = model_config_from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{config_path}: {e}") from None
-    model = CLIP(cfg)
+    try:
+        model = CLIP(cfg)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value the config checks let through
+        raise ModelFolderError(f"{config_path}: not a model this code can build ({type(e).__name__}: {e})") from e
     state = {k: v.float() for k, v in load_state_dict(folder).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{folder}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [f"{k} is {list(state[k].shape)} in the weights, {list(v.shape)} by {CONFIG_NAME}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ModelFolderError(f"{folder}: weights do not match {CONFIG_NAME} (" + "; ".join(
+            wrong[:3] + [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {unexpected[:3]}"] * bool(unexpected)) + ")")
+    model.load_state_dict(state)
     return model.to(device).eval(), cfg

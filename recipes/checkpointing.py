@@ -1,22 +1,14 @@
 """Checkpoints: DeepSpeed's sharded engine state plus our per-rank client state (step, data position, RNG).
 
-Layout of `checkpoint.dir`:
-
-    step_300/                    one complete checkpoint (a "tag")
-        zero_pp_rank_*_*.pt      DeepSpeed's shards, one set per rank
-        client_rank{r}.pt        rank r's step, data position, RNG streams and the run config
-        complete.json            written last: world size, step, every file's size
-        universal/               made on demand to resume at another world size (recipes/universal.py)
-    step_400.partial/            a save in progress, or one killed half-way: never read, removed later
-    latest                       names the newest complete tag; replaced atomically, only after it completed
-
-A save writes into `<tag>.partial`, every rank adds its client file, and only after a barrier does rank 0
-record the manifest, rename the folder to `<tag>` and point `latest` at it. A save killed at any point
-therefore leaves `latest` and every earlier tag untouched. Loading verifies the manifest and falls back to
-the newest complete tag when `latest` is unreadable or names an incomplete one.
+The folder layout, the manifest and how a tag is found and verified are in recipes/checkpoint_layout.py.
+A save writes into `<tag>.partial`, every rank adds its client file, and only after a barrier do the ranks hash
+the files (each its share) and rank 0 record the manifest, rename the folder to `<tag>` and point `latest` at it.
+A save killed at any point therefore leaves `latest` and every earlier tag untouched. Loading verifies the
+manifest's digests and falls back to the newest intact tag when `latest` names a damaged or incomplete one.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -30,13 +22,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from recipes import finite
+from recipes import finite, universal
+from recipes.checkpoint_layout import (LATEST, MANIFEST, PARTIAL_SUFFIX, CheckpointError, client_state_name,
+                                       complete_tags, file_digests, files_in, manifest, manifest_text,
+                                       read_client_state, read_latest, resolve_tag, tag_for)
 
 log = logging.getLogger("hiclip")
 
-MANIFEST = "complete.json"
-LATEST = "latest"
-PARTIAL_SUFFIX = ".partial"
 # Model fields that may change between a checkpoint and its resume: they shape no tensor in the checkpoint.
 MODEL_FIELDS_FREE_ON_RESUME = frozenset({"model.dropout", "model.hier.attn_impl"})
 # Fault injection for tests (tests/integration/test_checkpoint_faults.py): "STEP:RANK" SIGKILLs that rank after it
@@ -44,31 +36,25 @@ MODEL_FIELDS_FREE_ON_RESUME = frozenset({"model.dropout", "model.hier.attn_impl"
 KILL_DURING_SAVE_ENV = "HICLIP_TEST_KILL_DURING_SAVE"
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG stream as JSON-able lists (restored exactly by set_rng_state)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step}"
-
-
-def step_of(tag: str) -> int:
-    return int(tag.removeprefix("step_"))
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------- save
@@ -83,22 +69,37 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / staging, ignore_errors=True)  # left by a save that was killed
     dist.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=staging, client_state={"step": step}, save_latest=False)
-    _atomic_torch_save({**client_state, "step": step, "rng": rng_state()}, root / staging / f"client_rank{rank}.pt")
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=staging, client_state={"step": step}, save_latest=False)
+        state = {**client_state, "step": step, "zero_stage": engine.zero_optimization_stage(), "rng": rng_state()}
+        _atomic_write_text(root / staging / client_state_name(rank), json.dumps(state))
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(io_failure(f"saving checkpoint {root / staging}", root, e)) from e
     _maybe_kill_for_test(step, rank)
     dist.barrier()  # every rank's files are on disk
+    digests = _hash_share(root / staging, rank, dist.get_world_size())
     if rank == 0:
-        _commit(root, staging, tag, step, dist.get_world_size())
+        _commit(root, staging, tag, step, dist.get_world_size(), digests)
         if keep_last:
             prune(root, keep_last)
     dist.barrier()  # nobody starts the next step (or a load) before `latest` moved
     return tag
 
 
-def _commit(root: Path, staging: str, tag: str, step: int, world_size: int) -> None:
+def _hash_share(folder: Path, rank: int, world_size: int) -> dict[str, str]:
+    """Collective: every rank hashes every world_size-th file of the tag; rank 0 gets them all."""
+    names = files_in(folder)
+    mine = file_digests(folder, names[rank::world_size])
+    shares = [None] * world_size
+    dist.all_gather_object(shares, mine)
+    return {name: digest for share in shares for name, digest in share.items()}
+
+
+def _commit(root: Path, staging: str, tag: str, step: int, world_size: int,
+            digests: dict[str, str] | None = None) -> None:
     folder = root / staging
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    _atomic_write_text(folder / MANIFEST, json.dumps({"step": step, "world_size": world_size, "files": files}))
+    digests = digests if digests is not None else file_digests(folder, files_in(folder))
+    _atomic_write_text(folder / MANIFEST, manifest_text(folder, step, world_size, digests))
     final = root / tag
     if final.exists():  # the same step saved again (e.g. a rerun after a crash): the new one replaces it
         shutil.rmtree(final)
@@ -110,7 +111,7 @@ def _commit(root: Path, staging: str, tag: str, step: int, world_size: int) -> N
 def prune(root: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete tags (and always the one `latest` names); drop dead partial saves."""
     complete = complete_tags(root)
-    keep = set(complete[-keep_last:]) | {_read_latest(root)}
+    keep = set(complete[-keep_last:]) | {read_latest(root)}
     for tag in complete:
         if tag not in keep:
             shutil.rmtree(root / tag, ignore_errors=True)
@@ -118,10 +119,23 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(partial, ignore_errors=True)  # only rank 0 prunes, between saves: none is in progress
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def io_failure(action: str, where: Path, error: BaseException) -> str:
+    """One line for a failed save or load: what, where, and the cause (a full disk named as such: torch's
+    writer reports it as "unexpected pos ...")."""
+    chain, e = [], error
+    while e is not None and len(chain) < 5:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    full = any(getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) for e in chain)
+    if not full and "unexpected pos" in str(error):
+        try:
+            full = shutil.disk_usage(where if where.exists() else where.parent).free < 2**30
+        except OSError:
+            pass
+    if full:
+        return f"{action} failed: no space left on device"
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    return f"{action} failed: {type(error).__name__}: {first}"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -147,75 +161,6 @@ def _maybe_kill_for_test(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# ---------------------------------------------------------------------------------------------------- find
-
-def manifest(root: Path, tag: str) -> dict | None:
-    path = root / tag / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def incomplete_reason(root: Path, tag: str) -> str | None:
-    """None when the tag is complete (manifest present, every listed file there at its size), else why not."""
-    info = manifest(root, tag)
-    if info is None:
-        return f"{root / tag} has no readable {MANIFEST} (a save that did not finish)"
-    for name, size in info["files"].items():
-        path = root / tag / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size} bytes, the save wrote {size}"
-    return None
-
-
-def complete_tags(root: Path) -> list[str]:
-    """Complete tags, oldest first."""
-    tags = [p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX)]
-    tags = [t for t in tags if t.removeprefix("step_").isdigit()]
-    return [t for t in sorted(tags, key=step_of) if incomplete_reason(root, t) is None]
-
-
-def _read_latest(root: Path) -> str | None:
-    try:
-        return (root / LATEST).read_text().strip() or None
-    except OSError:
-        return None
-
-
-def resolve_tag(ckpt_dir: str, resume: str) -> str | None:
-    """The tag to resume from.
-
-    'latest': the tag `latest` names if it is complete, else the newest complete tag (with a warning); an
-    error if there is none. 'auto': the same, but None (start fresh) when the folder holds no checkpoint;
-    what a requeued job uses. Anything else is a tag, which must be complete.
-    """
-    root = Path(ckpt_dir)
-    if resume not in ("latest", "auto"):
-        if not (root / resume).is_dir():
-            raise CheckpointError(f"checkpoint tag {resume!r} not found in {root}")
-        reason = incomplete_reason(root, resume)
-        if reason:
-            raise CheckpointError(f"checkpoint tag {resume!r} is incomplete: {reason}")
-        return resume
-    named = _read_latest(root)
-    if named is not None:
-        reason = incomplete_reason(root, named)
-        if reason is None:
-            return named
-        log.warning("'latest' names %s, which is incomplete (%s): falling back", named, reason)
-    complete = complete_tags(root)
-    if complete:
-        if named is not None:
-            log.warning("resuming from %s, the newest complete checkpoint in %s", complete[-1], root)
-        return complete[-1]
-    if resume == "auto":
-        return None
-    raise CheckpointError(f"checkpoint.resume=latest but {root} holds no checkpoint (no complete tag)")
-
-
 # ---------------------------------------------------------------------------------------------------- load
 
 @dataclass
@@ -233,17 +178,35 @@ class ResumePlan:
 
 
 def plan_resume(ckpt_dir: str, resume: str, run_config: dict, world_size: int) -> ResumePlan | None:
-    """Pick the tag and check it fits this run, before the engine exists (a reshard changes the engine's config)."""
+    """Pick the tag and check it fits this run, before the engine exists (a reshard changes the engine's config).
+    Collective when a process group exists: rank 0 verifies the candidates' digests, every rank gets its choice."""
     if not resume:
         return None
-    tag = resolve_tag(ckpt_dir, resume)
+    tag = _on_rank0(lambda: resolve_tag(ckpt_dir, resume))
     if tag is None:
         log.info("checkpoint.resume=auto: no checkpoint in %s yet, starting fresh", ckpt_dir)
         return None
     root = Path(ckpt_dir)
-    saved = torch.load(root / tag / "client_rank0.pt", weights_only=False, map_location="cpu")
+    saved = read_client_state(root, tag, 0)
     check_compatible(saved["config"], run_config, where=str(root / tag))
     return ResumePlan(ckpt_dir, tag, saved["step"], manifest(root, tag)["world_size"], world_size)
+
+
+def _on_rank0(fn):
+    """fn() on rank 0 only, its result (or its CheckpointError, re-raised) on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except CheckpointError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
 
 
 def check_compatible(saved: dict, current: dict, where: str) -> None:
@@ -276,15 +239,20 @@ def load(engine, plan: ResumePlan) -> dict:
     there is no per-rank state to carry over: `data` is None and the caller restarts its stream.
     """
     if plan.reshard:
-        from recipes.universal import load_universal
-
-        load_universal(engine, plan.ckpt_dir, plan.tag)
+        universal.load_universal(engine, plan.ckpt_dir, plan.tag)
         log.warning("resumed %s saved by %d ranks on %d ranks: data positions and RNG streams start afresh",
                     plan.tag, plan.saved_world_size, plan.world_size)
         return {"step": plan.step, "data": None}
-    path, _ = engine.load_checkpoint(plan.ckpt_dir, tag=plan.tag)
+    folder = Path(plan.ckpt_dir, plan.tag)
+    state = read_client_state(Path(plan.ckpt_dir), plan.tag, dist.get_rank())
+    if state.get("zero_stage") != engine.zero_optimization_stage():
+        raise CheckpointError(f"checkpoint {folder} was saved with ZeRO stage {state.get('zero_stage')}, this run "
+                              f"uses stage {engine.zero_optimization_stage()}: resume with the same train.ds_config")
+    try:
+        path, _ = engine.load_checkpoint(plan.ckpt_dir, tag=plan.tag)
+    except Exception as e:  # DeepSpeed's own failures (torch.load, shapes, versions): one line naming the folder
+        raise CheckpointError(io_failure(f"loading checkpoint {folder}", folder, e)) from e
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {plan.tag!r} from {plan.ckpt_dir}")
-    state = torch.load(Path(plan.ckpt_dir, plan.tag, f"client_rank{dist.get_rank()}.pt"), weights_only=False)
     set_rng_state(state["rng"])
     return state

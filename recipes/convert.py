@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,24 +27,44 @@ from data_pipeline.tokenizer import Tokenizer
 from model.config import ModelConfig, model_config_from_dict
 from model.interop import export_state, open_clip_config
 from model.pretrained import save_pretrained
-from recipes.checkpointing import CheckpointError, resolve_tag
+from recipes.checkpoint_layout import PARTIAL_SUFFIX, CheckpointError, read_client_state, resolve_tag
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def consolidate(ckpt_dir: str, out: str, tag: str = "latest", dtype: str = "fp32", max_shard_mb: int = 0) -> Path:
+    """Write the model folder `out` from a verified tag. It is built beside `out` and swapped in whole, so no
+    file of an earlier conversion (e.g. a stale shard index) survives, and a failed conversion leaves `out` as it was."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = resolve_tag(ckpt_dir, tag)
-    client = Path(ckpt_dir, tag, "client_rank0.pt")
-    if not client.is_file():
-        raise CheckpointError(f"{client} is missing: not a hiclip checkpoint, or an incomplete one")
-    run_config = torch.load(client, weights_only=False)["config"]
+    tag = resolve_tag(ckpt_dir, tag, skip_damaged=False)
+    run_config = read_client_state(Path(ckpt_dir), tag, 0)["config"]
     model_cfg = model_config_from_dict(run_config["model"])
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag, lazy_mode=True)
-    save_pretrained(out, state, model_cfg, dtype=DTYPES[dtype], max_shard_bytes=max_shard_mb * 2**20)
-    Tokenizer(model_cfg.text.context_length).save(out)
-    return Path(out)
+    out = Path(out)
+    staging = out.with_name(out.name + PARTIAL_SUFFIX)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag, lazy_mode=True)
+    except Exception as e:  # DeepSpeed's own reading of its shards
+        raise CheckpointError(f"DeepSpeed could not read checkpoint {Path(ckpt_dir, tag)}: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
+    save_pretrained(staging, state, model_cfg, dtype=DTYPES[dtype], max_shard_bytes=max_shard_mb * 2**20)
+    Tokenizer(model_cfg.text.context_length).save(staging)
+    replace_folder(staging, out)
+    return out
+
+
+def replace_folder(new: Path, old: Path) -> None:
+    """Put folder `new` where `old` is. Two renames: at every moment `old` is either the previous folder whole
+    or the new one whole (or, between the renames, absent), never a mix of both."""
+    if not old.exists():
+        os.replace(new, old)
+        return
+    retired = old.with_name(old.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(old, retired)
+    os.replace(new, old)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------- open_clip export

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: image not found: {missing[0]}")
     try:
         model, cfg = load_pretrained(args.model)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from recipes.checkpointing import PARTIAL_SUFFIX, CheckpointError, resolve_tag
+from recipes.checkpoint_layout import PARTIAL_SUFFIX, UNIVERSAL_DIR, CheckpointError, resolve_tag
 
 log = logging.getLogger("hiclip")
-
-UNIVERSAL_DIR = "universal"
 
 
 def enable(ds_config: dict) -> dict:
@@ -74,7 +72,12 @@ def _repair_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     it copies the first parameter group's hyperparameters into every group (our no-decay group gets weight
     decay), and it hands all parameters one shared `step` tensor, which Adam then advances once per group.
     Harmless where the load got them right; ZeRO-2 saves the groups at the top level of the file."""
-    saved = torch.load(folder / "zero" / "optimizer_state.pt", weights_only=False)
+    path = folder / "zero" / "optimizer_state.pt"
+    try:  # tensors and plain containers only: a pickle that would run code is refused
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable optimizer state ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200]})") from e
     saved = saved.get("optimizer_state_dict", saved)
     if len(saved["param_groups"]) != len(optimizer.param_groups):
         raise CheckpointError(f"{folder}: {len(saved['param_groups'])} optimizer parameter groups saved, "
@@ -94,7 +97,7 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=4, help="conversion processes")
     args = p.parse_args(argv)
     try:
-        out = convert(args.checkpoint, resolve_tag(args.checkpoint, args.tag), args.workers)
+        out = convert(args.checkpoint, resolve_tag(args.checkpoint, args.tag, skip_damaged=False), args.workers)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}")

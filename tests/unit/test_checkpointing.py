@@ -1,8 +1,8 @@
 """Checkpoint bookkeeping without processes: manifests, `latest` fallback, pruning, config compatibility."""
 import pytest
 
-from recipes.checkpointing import (MANIFEST, CheckpointError, _commit, check_compatible, complete_tags,
-                                   incomplete_reason, prune, resolve_tag)
+from recipes.checkpoint_layout import MANIFEST, CheckpointError, complete_tags, incomplete_reason, resolve_tag
+from recipes.checkpointing import _commit, check_compatible, prune
 from recipes.config import load_config, to_dict
 
 
@@ -12,7 +12,7 @@ def fake_save(root, step: int, world_size: int = 2) -> None:
     staging.mkdir(parents=True)
     for rank in range(world_size):
         (staging / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x" * (10 + rank))
-        (staging / f"client_rank{rank}.pt").write_bytes(b"y" * 5)
+        (staging / f"client_rank{rank}.json").write_bytes(b"y" * 5)
     _commit(root, staging.name, f"step_{step}", step, world_size)
 
 
@@ -26,8 +26,8 @@ def test_commit_writes_manifest_and_latest(tmp_path):
 def test_missing_or_truncated_rank_file_is_incomplete(tmp_path):
     fake_save(tmp_path, 2)
     fake_save(tmp_path, 4)
-    (tmp_path / "step_4" / "client_rank1.pt").unlink()
-    assert "client_rank1.pt is missing" in incomplete_reason(tmp_path, "step_4")
+    (tmp_path / "step_4" / "client_rank1.json").unlink()
+    assert "client_rank1.json is missing" in incomplete_reason(tmp_path, "step_4")
     (tmp_path / "step_2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
     assert "has 1 bytes" in incomplete_reason(tmp_path, "step_2")
     assert complete_tags(tmp_path) == []
@@ -37,7 +37,7 @@ def test_latest_falls_back_to_newest_complete_tag(tmp_path):
     fake_save(tmp_path, 2)
     fake_save(tmp_path, 4)
     fake_save(tmp_path, 6)
-    (tmp_path / "step_6" / "client_rank0.pt").unlink()  # `latest` names a damaged tag
+    (tmp_path / "step_6" / "client_rank0.json").unlink()  # `latest` names a damaged tag
     assert resolve_tag(str(tmp_path), "latest") == "step_4"
     (tmp_path / "latest").unlink()  # or no `latest` at all
     assert resolve_tag(str(tmp_path), "latest") == "step_4"
@@ -68,7 +68,7 @@ def test_resave_of_same_step_replaces_it(tmp_path):
     fake_save(tmp_path, 2, world_size=2)
     fake_save(tmp_path, 2, world_size=1)
     assert complete_tags(tmp_path) == ["step_2"]
-    assert not (tmp_path / "step_2" / "client_rank1.pt").exists()
+    assert not (tmp_path / "step_2" / "client_rank1.json").exists()
 
 
 def test_incompatible_model_config_names_the_field(tmp_path):
