@@ -48,6 +48,14 @@ class DataConfig:
     # `max_skip_rate` (after `skip_rate_min_samples` samples seen in a worker) stops the run.
     max_skip_rate: float = 0.1
     skip_rate_min_samples: int = 200
+    # Images with more pixels are skipped ("oversized_image") after reading only their header: a 20000x20000 PNG
+    # of 0.4 MB would decode to 1.2 GB. 36 MP keeps 8K frames (33 MP) and any photo worth a 224-448 px crop.
+    # PIL's decompression-bomb limit (179 MP) caps it.
+    max_image_pixels: int = 36_000_000
+
+    def __post_init__(self):
+        if self.max_image_pixels < 1:
+            raise ValueError(f"data.max_image_pixels must be >= 1, got {self.max_image_pixels}")
 
     def __post_init__(self) -> None:
         # (name, ok, allowed): one line per field, the builder adds the section's path.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections import Counter
 from collections.abc import Iterator
 
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig
-from data_pipeline.reader import ReaderLimits, StreamReader, StreamState, logger
+from data_pipeline.reader import DataQualityError, ReaderLimits, StreamReader, StreamState, logger
 from data_pipeline.sources import ShardSchedule, check_local_shards, expand_shards, load_sources
 from data_pipeline.tar_io import ShardReadError, iter_samples
 from data_pipeline.tokenizer import Tokenizer
@@ -39,6 +40,19 @@ def _private_generator(seed: int) -> torch.Generator:
     given a generator: a resumed run would then start its epoch's loader at a different point of the training
     RNG (dropout) than the uninterrupted run did. Our workers seed their own augmentations anyway."""
     return torch.Generator().manual_seed(seed)
+
+
+def _ignore_termination(worker_id: int) -> None:
+    """SIGTERM (SLURM's time limit, scancel) reaches every process of the job, data workers included, and torch's
+    worker handler dies of it; the training process decides what it means (a preemption checkpoint), and stops
+    its workers itself when done."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _one_line(error: DataQualityError) -> DataQualityError:
+    """A worker's DataQualityError comes back wrapped in its traceback; keep only the message."""
+    last = str(error).strip().splitlines()[-1]
+    return DataQualityError(last.split("DataQualityError: ", 1)[-1])
 
 
 class _TrainStreams(IterableDataset):
@@ -88,6 +102,7 @@ class TrainLoader:
         self.batches_in_epoch = 0
         self.stream_states: list[dict | None] = [None] * streams.num_local
         self.last_stream: int | None = None  # stream of the last item consumed in this epoch
+        self.empty_epochs = 0  # epochs in a row that yielded no batch
 
     def _next_stream(self) -> int:
         """The stream that serves the next item: DataLoader's round-robin skips finished workers."""
@@ -111,14 +126,26 @@ class TrainLoader:
         else:
             items = iter(DataLoader(self.streams, batch_size=None, num_workers=self.workers,
                                     prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
-                                    persistent_workers=False, generator=_private_generator(self.streams.seed)))
-        for item in items:
-            self.last_stream = item.pop("_stream")
-            self.stream_states[self.last_stream] = item.pop("_state")
-            if item.pop("_end_of_pass", False):
-                continue
-            self.batches_in_epoch += 1
-            yield item
+                                    persistent_workers=False, generator=_private_generator(self.streams.seed),
+                                    worker_init_fn=_ignore_termination))
+        yielded = False
+        try:
+            for item in items:
+                self.last_stream = item.pop("_stream")
+                self.stream_states[self.last_stream] = item.pop("_state")
+                if item.pop("_end_of_pass", False):
+                    continue
+                self.batches_in_epoch += 1
+                yielded = True
+                yield item
+        except DataQualityError as error:
+            raise (_one_line(error) if self.workers else error) from None
+        # An epoch resumed just after its last batch is legitimately empty; two in a row never end.
+        self.empty_epochs = 0 if yielded else self.empty_epochs + 1
+        if self.empty_epochs >= 2:
+            raise DataQualityError(
+                f"data: rank {self.streams.rank} read a whole epoch without one batch of {self.streams.batch_size}: "
+                f"every shard is empty or skipped, or there are too few samples (skips: {self.skip_counts()})")
         # The epoch ran to its end (a `break` in the caller never gets here): start the next one.
         self.epoch += 1
         self.batches_in_epoch = 0
@@ -189,7 +216,8 @@ def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, *, image_size: int
             # round-robin over workers: worker w serves batches w, w + W, ... of the epoch
             quotas = [len(range(w, batches_per_epoch, num_local)) for w in range(num_local)]
     views = ViewConfig(image_size=image_size, pyramid=pyramid, train=True, global_scale=tuple(cfg.global_scale),
-                       local_scale=tuple(cfg.local_scale), max_regions=cfg.max_regions)
+                       local_scale=tuple(cfg.local_scale), max_regions=cfg.max_regions,
+                       max_image_pixels=cfg.max_image_pixels)
     streams = _TrainStreams(cfg, tokenizer, views, batch_size=batch_size, rank=rank, world_size=world_size,
                             seed=seed, quotas=quotas)
     return TrainLoader(streams, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor, pin_memory=cfg.pin_memory,
@@ -241,9 +269,10 @@ def build_eval_loader(cfg: DataConfig, tokenizer: Tokenizer, *, image_size: int,
     if not urls:
         raise ValueError("data: `eval_shards` is empty")
     check_local_shards(urls, "eval")
-    views = ViewConfig(image_size=image_size, pyramid=False, train=False)
+    views = ViewConfig(image_size=image_size, pyramid=False, train=False, max_image_pixels=cfg.max_image_pixels)
     dataset = _EvalSamples(urls, tokenizer, views, batch_size, rank, world_size, cfg.workers)
-    return DataLoader(dataset, batch_size=None, num_workers=cfg.workers, generator=_private_generator(0))
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.workers, generator=_private_generator(0),
+                      worker_init_fn=_ignore_termination)
 
 
 def load_classnames(cfg: DataConfig) -> tuple[list[str], list[str]]:

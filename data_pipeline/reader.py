@@ -32,8 +32,9 @@ LOG_FIRST_SKIPS = 10  # per reason and stream, then one line every LOG_EVERY_SKI
 LOG_EVERY_SKIPS = 1000
 
 
-class DataQualityError(RuntimeError):
-    """A source's skip rate passed `max_skip_rate`: the data, not the code, needs attention."""
+class DataQualityError(ValueError):
+    """A source's skip rate passed `max_skip_rate`, or an epoch yielded no batch: the data, not the code, needs
+    attention (a ValueError: entry points report it in one line, like any other bad input)."""
 
 
 @dataclass

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import webdataset as wds
 
 BLOCK = tarfile.BLOCKSIZE
+# No sample member is read if it claims more than this (or more than is left of a local file): a corrupt or hostile
+# size field must not become one huge allocation. Images are bounded again by pixels (DataConfig.max_image_pixels).
+MAX_MEMBER_BYTES = 256 * 2**20
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # sample members that hold the image, in preference order
 
 
@@ -47,6 +50,10 @@ class ShardReadError(RuntimeError):
         self.reason = reason
 
 
+class _OversizedMember(tarfile.ReadError):
+    pass
+
+
 def split_key(member_name: str) -> tuple[str, str]:
     """webdataset convention: key = path up to the first dot of the basename, extension = the rest."""
     folder, base = os.path.split(member_name)
@@ -59,13 +66,13 @@ def is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url
 
 
-def _open(url: str, offset: int) -> tuple[io.IOBase, int]:
-    """Open `url` positioned at `offset`; returns (stream, position reached by seeking)."""
+def _open(url: str, offset: int) -> tuple[io.IOBase, int, int | None]:
+    """Open `url` positioned at `offset`; returns (stream, position reached by seeking, file size if known)."""
     if is_local(url):
         f = open(url, "rb")
         f.seek(offset)
-        return f, offset
-    return wds.gopen(url, "rb"), 0
+        return f, offset, os.fstat(f.fileno()).st_size
+    return wds.gopen(url, "rb"), 0, None
 
 
 def _octal(field: bytes) -> int:
@@ -100,8 +107,8 @@ class _TarStream:
     raises (tarfile's stream mode stops silently at a cut header). Headers and data are read separately,
     so a sample is known complete as soon as the next member's header has been parsed."""
 
-    def __init__(self, stream: io.IOBase, position: int):
-        self.stream, self.position = stream, position
+    def __init__(self, stream: io.IOBase, position: int, total: int | None = None):
+        self.stream, self.position, self.total = stream, position, total
 
     def next_header(self) -> tuple[str, int, int] | None:
         """(name, offset of its first header block, data size) of the next regular file; None at the end."""
@@ -129,6 +136,12 @@ class _TarStream:
                 long_name, start = None, self.position  # directories, links, ...: not sample data
 
     def read_data(self, size: int) -> bytes:
+        if size > MAX_MEMBER_BYTES:
+            raise _OversizedMember(f"member at byte {self.position - BLOCK} claims {size} bytes "
+                                   f"(limit {MAX_MEMBER_BYTES})")
+        if self.total is not None and self.position + size > self.total:  # a cut file: don't allocate for it
+            raise tarfile.ReadError(f"member at byte {self.position - BLOCK} claims {size} bytes, "
+                                    f"{self.total - self.position} left in the file")
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         data = _read_exact(self.stream, padded)
         if len(data) < padded:
@@ -140,14 +153,16 @@ class _TarStream:
 def iter_samples(url: str, offset: int = 0) -> Iterator[RawSample]:
     """Yield the samples of one shard starting at byte `offset` (a sample boundary).
 
-    Raises ShardReadError when the shard cannot be opened or is cut short; complete samples before the
-    break have been yielded (the one being assembled when it broke is dropped).
+    Raises ShardReadError when the shard cannot be opened, is cut short, has a member larger than the file
+    or MAX_MEMBER_BYTES ("oversized_member"), or holds no sample at all ("empty_shard": read from the start,
+    a shard must yield something, or a reader drawing shards forever would spin); complete samples before
+    the break have been yielded (the one being assembled when it broke is dropped).
     """
     try:
-        stream, base = _open(url, offset)
+        stream, base, total = _open(url, offset)
     except OSError as e:
         raise ShardReadError("unreadable_shard", f"cannot open shard {url}: {e}") from e
-    tar, members_read = _TarStream(stream, base), 0
+    tar, members_read = _TarStream(stream, base, total), 0
     try:
         key, fields, start = None, {}, 0
         while (header := tar.next_header()) is not None:
@@ -165,8 +180,11 @@ def iter_samples(url: str, offset: int = 0) -> Iterator[RawSample]:
             fields[ext] = tar.read_data(size)
         if key is not None:
             yield RawSample(key, fields, start, tar.position)
+        elif offset == 0 and not members_read:
+            raise ShardReadError("empty_shard", f"shard {url} holds no samples (a tar with no file members)")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        reason = "truncated_tar" if members_read else "unreadable_shard"
+        reason = ("oversized_member" if isinstance(e, _OversizedMember)
+                  else "truncated_tar" if members_read else "unreadable_shard")
         raise ShardReadError(reason, f"shard {url}: tar read failed after {members_read} members from byte {offset}: {e}") from e
     finally:
         try:

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
@@ -30,6 +34,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CAPTION_EXTENSIONS = ("txt", "caption")
 REGION_FEATURES_EXTENSION = "regions.npy"  # optional float [n, 2052]: detector feature (2048) + box (4)
 REGION_FEATURE_DIM = 2052
+DEFAULT_MAX_IMAGE_PIXELS = 36_000_000  # DataConfig.max_image_pixels
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class SkipSample(Exception):
@@ -48,12 +54,48 @@ class ViewConfig:
     global_scale: tuple[float, float] = (0.9, 1.0)
     local_scale: tuple[float, float] = (0.5, 1.0)
     max_regions: int = 10
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
-def decode_rgb(data: bytes) -> torch.Tensor:
-    """Encoded JPEG/PNG/WEBP/GIF bytes -> uint8 [3, H, W] (16-bit PNGs are scaled down to 8 bits)."""
+def check_pixels(data: bytes, max_pixels: int) -> None:
+    """Skip ("oversized_image") an image whose header declares more than max_pixels, before anything is decoded.
+    PIL reads the header only; one it cannot parse is left to the decoder to accept or reject."""
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+    except Image.DecompressionBombError as e:  # PIL refuses to even report a size above 2x its warning limit
+        raise SkipSample("oversized_image", f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels (PIL's "
+                         f"decompression-bomb limit), limit {max_pixels}") from e
+    except Exception:
+        return
+    if width * height > max_pixels:
+        raise SkipSample("oversized_image", f"{width}x{height} = {width * height} pixels, limit {max_pixels}")
+
+
+@contextmanager
+def _libpng_quiet():
+    """libpng prints warnings about harmless chunk trouble ("sRGB: out of place", "iCCP: known incorrect sRGB
+    profile") straight to stderr, once per image: web PNGs would flood the log. Real errors still raise. The
+    window is one decode; in a DataLoader worker nothing else writes to stderr meanwhile."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Encoded JPEG/PNG/WEBP/GIF bytes -> uint8 [3, H, W] (16-bit PNGs are scaled down to 8 bits)."""
+    check_pixels(data, max_pixels)
+    try:
+        with _libpng_quiet() if data.startswith(PNG_SIGNATURE) else nullcontext():
+            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision raises RuntimeError/ValueError variants per codec
         raise SkipSample("corrupt_image", str(e)[:200]) from e
     return image if image.dtype == torch.uint8 else v2.functional.to_dtype(image, torch.uint8, scale=True)
@@ -83,7 +125,7 @@ class SampleTransform:
         caption = next((raw.fields[e] for e in CAPTION_EXTENSIONS if e in raw.fields), b"").decode("utf-8", "replace").strip()
         if not caption:
             raise SkipSample("missing_caption", "empty or absent txt")
-        image = decode_rgb(raw.fields[image_ext])
+        image = decode_rgb(raw.fields[image_ext], self.views.max_image_pixels)
         sample: dict = {"key": raw.key, "text": caption}
         meta = self._meta(raw) if (self.views.pyramid or not self.views.train) else {}
         if not self.views.train:

@@ -13,9 +13,10 @@ from recipes import preemption
 @pytest.fixture
 def group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    previous = signal.getsignal(signal.SIGUSR1)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     yield
-    signal.signal(signal.SIGUSR1, previous)
+    for s, handler in previous.items():
+        signal.signal(s, handler)
     dist.destroy_process_group()
 
 
@@ -30,6 +31,13 @@ def test_signal_is_acted_on_at_the_next_check_step(group):
 def test_disabled_flag_never_stops(group):
     flag = preemption.PreemptionFlag("", torch.device("cpu"))
     assert not flag.agreed(10)
+
+
+@pytest.mark.parametrize("configured", ["SIGUSR1", ""])
+def test_sigterm_is_always_a_preemption(group, configured):
+    flag = preemption.PreemptionFlag(configured, torch.device("cpu"), check_every=2)
+    os.kill(os.getpid(), signal.SIGTERM)  # SLURM's time limit, a plain scancel, torchrun stopping
+    assert not flag.agreed(3) and flag.agreed(4)
 
 
 def test_exit_for_requeue_leaves_marker_and_code(tmp_path, monkeypatch):
