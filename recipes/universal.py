@@ -72,9 +72,13 @@ def _repair_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     it copies the first parameter group's hyperparameters into every group (our no-decay group gets weight
     decay), and it hands all parameters one shared `step` tensor, which Adam then advances once per group.
     Harmless where the load got them right; ZeRO-2 saves the groups at the top level of the file."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
     path = folder / "zero" / "optimizer_state.pt"
-    try:  # tensors and plain containers only: a pickle that would run code is refused
-        saved = torch.load(path, weights_only=True, map_location="cpu")
+    try:  # tensors, plain containers and the two DeepSpeed classes this file holds: a pickle that would run code is refused
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+            saved = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable optimizer state ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0][:200]})") from e

@@ -34,3 +34,13 @@ def synthetic_shards(tmp_path):
         return str(tmp_path / "shards" / f"shard-{{0000..{n_shards - 1:04d}}}.tar")
 
     return make
+
+
+class PicklePayload:
+    """Unpickling it creates the directory `marker`: planted in a file, it shows whether anything ran code from it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)

@@ -9,7 +9,8 @@ import time
 import psutil
 import pytest
 
-from recipes.checkpointing import KILL_DURING_SAVE_ENV, complete_tags, incomplete_reason, resolve_tag
+from recipes.checkpoint_layout import complete_tags, incomplete_reason, resolve_tag
+from recipes.checkpointing import KILL_DURING_SAVE_ENV
 from tests.conftest import ROOT, free_port
 from tests.integration import launch
 from tests.integration.launch import pretrain, read_metrics

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model.pretrained import load_pretrained
-from recipes.checkpointing import CheckpointError
+from recipes.checkpoint_layout import CheckpointError
 from recipes.convert import consolidate
 from tests.integration.launch import torchrun
 

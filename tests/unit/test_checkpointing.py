@@ -17,6 +17,7 @@ from recipes.checkpoint_layout import (MANIFEST, CheckpointError, complete_tags,
 from recipes.checkpointing import (_commit, check_compatible, io_failure, plan_resume, prune,
                                    rng_state, set_rng_state)
 from recipes.universal import _repair_optimizer
+from tests.conftest import PicklePayload
 from recipes.config import load_config, to_dict
 
 
@@ -144,14 +145,6 @@ def test_rng_state_survives_json_exactly():
     assert expected[:4] == again[:4] and torch.equal(expected[4], again[4])
 
 
-class Payload:
-    """Unpickling this creates a directory: the marker that code from a file ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
 
 
 def test_planted_pickles_never_run(tmp_path):
@@ -159,7 +152,7 @@ def test_planted_pickles_never_run(tmp_path):
     root = tmp_path / "ckpt"
     big_save(root, 2)
     client = root / "step_2" / "client_rank0.json"
-    client.write_bytes(pickle.dumps(Payload(marker)))
+    client.write_bytes(pickle.dumps(PicklePayload(marker)))
     with pytest.raises(CheckpointError, match="client_rank0.json"):
         plan_resume(str(root), "step_2", {}, world_size=1)  # the digest refuses it first
     folder = root / "step_2"  # even with a manifest that vouches for the planted file:
@@ -167,12 +160,12 @@ def test_planted_pickles_never_run(tmp_path):
     with pytest.raises(CheckpointError, match="client_rank0.json: not a readable JSON client state"):
         plan_resume(str(root), "step_2", {}, world_size=1)
     client.unlink()
-    torch.save(Payload(marker), client.with_suffix(".pt"))  # the pickle an older hiclip wrote is never loaded
+    torch.save(PicklePayload(marker), client.with_suffix(".pt"))  # the pickle an older hiclip wrote is never loaded
     with pytest.raises(CheckpointError, match="client_rank0.pt there: saved by an older hiclip as a pickle"):
         read_client_state(root, "step_2", 0)
     universal = root / "step_2" / "universal" / "zero"
     universal.mkdir(parents=True)
-    torch.save({"param_groups": [], "bad": Payload(marker)}, universal / "optimizer_state.pt")
+    torch.save({"param_groups": [], "bad": PicklePayload(marker)}, universal / "optimizer_state.pt")
     with pytest.raises(CheckpointError, match="optimizer_state.pt: not a readable optimizer state"):
         _repair_optimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), universal.parent)
     assert not marker.exists()

@@ -10,6 +10,7 @@ import torch
 from model.clip import CLIP
 from model.config import PRESETS
 from model.pretrained import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, ModelFolderError, load_pretrained, save_pretrained
+from tests.conftest import PicklePayload
 
 
 @pytest.fixture
@@ -69,16 +70,10 @@ def test_index_cannot_point_outside_the_folder(folder, tmp_path):
     assert "no 'weight_map' of tensor names to file names in this folder" in one_line_error(folder)
 
 
-class Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
 
 
 @pytest.mark.parametrize("name", [CONFIG_NAME, WEIGHTS_NAME])
 def test_planted_pickle_never_runs(folder, tmp_path, name):
-    (folder / name).write_bytes(pickle.dumps(Payload(tmp_path / "PWNED")))
+    (folder / name).write_bytes(pickle.dumps(PicklePayload(tmp_path / "PWNED")))
     one_line_error(folder)
     assert not (tmp_path / "PWNED").exists()
