@@ -53,10 +53,6 @@ class DataConfig:
     # PIL's decompression-bomb limit (179 MP) caps it.
     max_image_pixels: int = 36_000_000
 
-    def __post_init__(self):
-        if self.max_image_pixels < 1:
-            raise ValueError(f"data.max_image_pixels must be >= 1, got {self.max_image_pixels}")
-
     def __post_init__(self) -> None:
         # (name, ok, allowed): one line per field, the builder adds the section's path.
         for name, ok, allowed in (
@@ -69,6 +65,7 @@ class DataConfig:
             ("max_regions", self.max_regions >= 0, "≥ 0"),
             ("max_skip_rate", 0 <= self.max_skip_rate <= 1, "in [0, 1]"),
             ("skip_rate_min_samples", self.skip_rate_min_samples >= 1, "≥ 1"),
+            ("max_image_pixels", self.max_image_pixels >= 1, "≥ 1"),
         ):
             if not ok:
                 raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")

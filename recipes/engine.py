@@ -68,8 +68,11 @@ def deepspeed_config(cfg: Config) -> dict:
     path = cfg.train.ds_config
     if not os.path.isfile(path):
         raise ConfigError(f"train.ds_config: DeepSpeed config not found: {path}")
-    with open(path) as f:
-        ds = json.load(f)
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"train.ds_config: {path} is not readable JSON ({e})") from None
     ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     ds["gradient_accumulation_steps"] = 1
     ds.pop("train_batch_size", None)

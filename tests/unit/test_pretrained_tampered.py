@@ -1,4 +1,4 @@
-"""A tampered consolidated folder is one line naming the file: changed shapes, truncated or foreign weights, bad
+"""A tampered consolidated folder (or DeepSpeed config) is one line naming the file: changed shapes, truncated or foreign weights, bad
 JSON, a stale index beside the single file, a value of the wrong type; a pickle planted in it never runs."""
 import json
 import os
@@ -9,7 +9,7 @@ import torch
 
 from model.clip import CLIP
 from model.config import PRESETS
-from model.pretrained import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, ModelFolderError, load_pretrained, save_pretrained
+from model.pretrained import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained
 from tests.conftest import PicklePayload
 
 
@@ -28,7 +28,7 @@ def edit_config(folder, change) -> None:
 
 
 def one_line_error(folder) -> str:
-    with pytest.raises(ModelFolderError) as error:
+    with pytest.raises(ValueError) as error:  # ModelFolderError, or the config builder's ConfigError
         load_pretrained(folder)
     assert len(str(error.value).splitlines()) == 1
     return str(error.value)
@@ -77,3 +77,14 @@ def test_planted_pickle_never_runs(folder, tmp_path, name):
     (folder / name).write_bytes(pickle.dumps(PicklePayload(tmp_path / "PWNED")))
     one_line_error(folder)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_bad_ds_config_json_names_the_file(tmp_path):
+    from recipes.config import load_config
+    from recipes.engine import deepspeed_config
+
+    bad = tmp_path / "zero3.json"
+    bad.write_text('{"zero_optimization": {"stage": 3,}')
+    with pytest.raises(ValueError, match=f"train.ds_config: {bad} is not readable JSON") as error:
+        deepspeed_config(load_config("recipes/configs/demo.yaml", [f"train.ds_config={bad}"]))
+    assert len(str(error.value).splitlines()) == 1
