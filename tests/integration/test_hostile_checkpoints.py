@@ -30,8 +30,9 @@ pytestmark = pytest.mark.integration
 STEPS = 16
 
 
-def run(spec: str, run_dir, *extra: str) -> list[str]:
-    return launch.tiny_run(spec, run_dir, steps=STEPS) + ["checkpoint.every_steps=2", "checkpoint.keep_last=3", *extra]
+def run(spec: str, run_dir, *extra: str, every: int = 2) -> list[str]:
+    return launch.tiny_run(spec, run_dir, steps=STEPS) + [f"checkpoint.every_steps={every}", "checkpoint.keep_last=3",
+                                                          *extra]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_another_zero_stage_is_one_line(tmp_path, spec, trained):
 
 
 def test_sigterm_checkpoints_at_the_agreed_step_and_resume_continues(tmp_path, spec, trained):
-    overrides = run(spec, tmp_path, "checkpoint.every_steps=1000", "checkpoint.preempt_check_every=2")
+    overrides = run(spec, tmp_path, "checkpoint.preempt_check_every=2", every=1000)
     port = str(free_port())
     ranks = []
     for rank in range(2):  # as srun starts them: one process (and its data worker) per rank, each signalled
