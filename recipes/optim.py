@@ -17,15 +17,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
 from model.config_tree import require
-
-if TYPE_CHECKING:
-    from recipes.config import TrainConfig
 
 TOWERS = ("visual", "text")
 _EMBEDDINGS = {"visual": ("patch_embed", "cls_token", "pos_embed", "ln_pre"), "text": ("token_embed", "pos_embed")}
@@ -173,7 +170,21 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(model: nn.Module, t: TrainConfig):
+class OptimizerSettings(Protocol):
+    """What the optimizer reads of `train:` (recipes.config.TrainConfig), named here so this module sits below
+    the config tree that embeds its sections."""
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    warmup_steps: int
+    steps: int
+    lock: LockConfig
+    tower_lr: TowerLRConfig
+
+
+def build_optimizer(model: nn.Module, t: OptimizerSettings):
     """Lock, group, and build torch's fused AdamW with the warm-up + cosine schedule over every group."""
     apply_lock(model, t.lock)
     groups = param_groups(model, t.weight_decay, t.tower_lr)
