@@ -73,7 +73,9 @@ class CheckpointConfig:
     every_steps: int = 500
     keep_last: int = 3
     resume: str = ""  # "" starts fresh; "latest" or a tag resumes from `dir`; "auto": latest if any, else fresh
-    preempt_signal: str = "SIGUSR1"  # on it: checkpoint at a step all ranks agree on, exit 75 (requeue); "" ignores
+    # On it, and always on SIGTERM (SLURM's time limit, scancel): checkpoint at a step all ranks agree on, exit 75
+    # (requeue). "" leaves SIGTERM as the only one.
+    preempt_signal: str = "SIGUSR1"
     # Steps between the ranks' all-reduce of the flag: it syncs host and device, so not every step; with the
     # signal 120 s before the limit, 10 steps are plenty.
     preempt_check_every: int = 10

@@ -12,8 +12,9 @@ The patches:
   torch's clip_grad_norm_ does) are exact enough to clip by; DeepSpeed still combines and all-reduces them.
 - `no_shm_comm`: on CPU, the shared-memory all-reduce op is JIT-compiled (~35 s) at every start; gloo alone is
   enough for our CPU runs.
-- The universal-checkpoint optimizer repair lives with its caller (recipes/universal.py) and is covered by
-  the version check here and by the resharding tests.
+- The universal-checkpoint optimizer repair lives with its caller (recipes/universal.py): it calls the
+  version check here, refuses a state file without the layout it repairs, and the resharding tests
+  (tests/integration/test_world_size_change.py) fail if it stops repairing.
 """
 from __future__ import annotations
 

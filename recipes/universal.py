@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from recipes import ds_patches
 from recipes.checkpoint_layout import PARTIAL_SUFFIX, UNIVERSAL_DIR, CheckpointError, resolve_tag
 
 log = logging.getLogger("hiclip")
@@ -75,6 +76,7 @@ def _repair_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
+    ds_patches.check_version()  # a repair of DeepSpeed's own load: announced on a version it was not tested with
     path = folder / "zero" / "optimizer_state.pt"
     try:  # tensors, plain containers and the two DeepSpeed classes this file holds: a pickle that would run code is refused
         with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
@@ -83,6 +85,9 @@ def _repair_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
         raise CheckpointError(f"{path}: not a readable optimizer state ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0][:200]})") from e
     saved = saved.get("optimizer_state_dict", saved)
+    if not isinstance(saved, dict) or "param_groups" not in saved:
+        raise CheckpointError(f"{path}: no optimizer 'param_groups' where DeepSpeed 0.19.8 writes them; the universal "
+                              f"load's repair cannot apply (recipes/universal.py, recipes/ds_patches.py)")
     if len(saved["param_groups"]) != len(optimizer.param_groups):
         raise CheckpointError(f"{folder}: {len(saved['param_groups'])} optimizer parameter groups saved, "
                               f"{len(optimizer.param_groups)} in this run")
