@@ -39,7 +39,7 @@ class DataConfig:
     prefetch_factor: int = 2  # batches prefetched per worker
     pin_memory: bool = False  # page-locked batches for faster, asynchronous host-to-GPU copies (GPU runs)
 
-    # Views and regions (SPEC §2.1).
+    # Views and regions (docs/method.md §2.1).
     global_scale: tuple[float, float] = (0.9, 1.0)  # random-resized-crop area range of the global view
     local_scale: tuple[float, float] = (0.5, 1.0)  # area range of the local view (pyramid only)
     max_regions: int = 10  # R: boxes / region features per sample, padded and masked

@@ -17,7 +17,7 @@ Checkpointing = Literal["none", "blocks", "every_k"]
 
 @dataclass
 class HierConfig:
-    """HiCLIP hierarchy-aware attention (SPEC §1)."""
+    """HiCLIP hierarchy-aware attention (docs/method.md §1)."""
 
     # multiply: (C ⊙ softmax(QKᵀ/√d)) V, the paper; bias: softmax(QKᵀ/√d + log C) V
     prior_mode: Literal["multiply", "bias"] = "multiply"
@@ -39,7 +39,8 @@ class VisionConfig:
     attention: Attention = "vanilla"
     # PyramidCLIP region branch: blocks from this index on form f2 (the "top blocks").
     region_split: int = -3
-    region_source: Literal["boxes", "features"] = "boxes"  # boxes: ROI-align on own patch features | features: detector features
+    # boxes: ROI-align on own patch features | features: detector features
+    region_source: Literal["boxes", "features"] = "boxes"
     region_feature_dim: int = 2052  # 2048-d detector feature + 4-d box, when region_source = features
     max_regions: int = 10
     checkpointing: Checkpointing = "none"
@@ -89,7 +90,8 @@ def _check_tower(cfg: VisionConfig | TextConfig) -> None:
         require(size >= 1, "image_size", size, "≥ 1")
     require(cfg.layers >= 1, "layers", cfg.layers, "≥ 1")
     require(cfg.width >= 1, "width", cfg.width, "≥ 1")
-    require(cfg.heads >= 1 and cfg.width % cfg.heads == 0, "heads", cfg.heads, f"≥ 1 and a divisor of width ({cfg.width})")
+    require(cfg.heads >= 1 and cfg.width % cfg.heads == 0, "heads", cfg.heads,
+            f"≥ 1 and a divisor of width ({cfg.width})")
     require(cfg.mlp_ratio > 0, "mlp_ratio", cfg.mlp_ratio, "> 0")
     require(cfg.checkpointing in ("none", "blocks", "every_k"), "checkpointing", cfg.checkpointing,
             "one of none, blocks, every_k")

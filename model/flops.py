@@ -6,12 +6,12 @@ the full N×N score and value products, causal or not, as dense kernels and torc
 A training step costs 3× the forward (backward = 2× forward), plus one more forward per replay when
 gradient caching recomputes the towers.
 
-HiCLIP's extra work (SPEC §1): each hier block owns a prior with its own d×d query and key projections over
+HiCLIP's extra work (docs/method.md §1): each hier block owns a prior with its own d×d query and key projections over
 the block's tokens. `model.hier_prior` folds them into one token GEMM by associativity (q_u·k_v =
 (t_u W_Qᵀ W_K + b_Q W_K)·t_v), so one [N, d]×[d, d] product counts; the d×d×d product W_QᵀW_K is paid once
 per batch (≤ 3% of the prior at batch ≥ 64 on B/16) and left out, like the O(N) and O(N²) elementwise link
 scores, cumulative costs and C.
-PyramidCLIP (SPEC §2): two image views and three texts per sample, plus the region branch: R box or detector
+PyramidCLIP (docs/method.md §2): two image views and three texts per sample, plus the region branch: R box or detector
 features embedded to width, then the top blocks over 1 + R tokens behind a region CLS, through the shared head.
 """
 from __future__ import annotations

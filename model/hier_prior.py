@@ -1,4 +1,4 @@
-"""Constituent priors of HiCLIP (SPEC §1): link probabilities between neighbours and the O(N) tables of C.
+"""Constituent priors of HiCLIP (docs/method.md §1): link probabilities between neighbours and the O(N) tables of C.
 
 A prior module reads a block's input tokens and the previous layer's links, and returns this layer's links
 (non-splittable: a^l = a^{l-1} + (1 - a^{l-1}) â^l) plus a `ConstituentPrior` (model/constituent_prior.py), the
@@ -87,7 +87,7 @@ class _NeighbourScorer(nn.Module):
 
 
 class TreePrior(_NeighbourScorer):
-    """Tree Transformer's constituent prior over a token sequence (SPEC §1.1)."""
+    """Tree Transformer's constituent prior over a token sequence (docs/method.md §1.1)."""
 
     def forward(self, x: Tensor, prev_links: Tensor | None, key_padding_mask: Tensor | None):
         q, k = self.project(x)  # [B, N, D], with q_u·k_v the neighbour score's numerator
@@ -114,7 +114,8 @@ class TreePrior(_NeighbourScorer):
 
 
 class GroupPrior(_NeighbourScorer):
-    """Group Transformer's 2-D constituent prior over an H×W patch grid (SPEC §1.2); token 0 is CLS if has_cls.
+    """Group Transformer's 2-D constituent prior over an H×W patch grid (docs/method.md §1.2); token 0 is CLS if
+    has_cls.
 
     Links are a pair (horizontal [B, H, W-1], vertical [B, H-1, W]).
     """

@@ -1,4 +1,4 @@
-"""Unsupervised hierarchy induction from link probabilities (SPEC §1.3): pure functions, no model, no files.
+"""Unsupervised hierarchy induction from link probabilities (docs/method.md §1.3): pure functions, no model, no files.
 
 Text: Tree Transformer's top-down parse. Image: per layer, patch groups = connected components of unbroken edges.
 Layers are listed bottom (index 0) to top, as the towers return them with `return_links=True`.
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 TEXT_THRESHOLD = 0.8
-# θ_l for a 12-layer vision tower (SPEC §1.3); other depths sample this curve at the same relative depth.
+# θ_l for a 12-layer vision tower (docs/method.md §1.3); other depths sample this curve at the same relative depth.
 IMAGE_THRESHOLDS_12 = (0.35, 0.5, 0.5, 0.6, 0.8, 0.85, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9)
 
 
@@ -53,7 +53,7 @@ def parse_tree(words: Sequence[str], links: Sequence[Sequence[float]] | Tensor, 
 
 
 def image_thresholds(layers: int) -> tuple[float, ...]:
-    """SPEC's θ for 12 layers; for another depth, θ at the same relative depth (nearest of the 12)."""
+    """docs/method.md's θ for 12 layers; for another depth, θ at the same relative depth (nearest of the 12)."""
     if layers == len(IMAGE_THRESHOLDS_12):
         return IMAGE_THRESHOLDS_12
     return tuple(IMAGE_THRESHOLDS_12[round(i * 11 / max(layers - 1, 1))] for i in range(layers))

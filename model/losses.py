@@ -1,4 +1,5 @@
-"""Contrastive losses: CLIP and PyramidCLIP (SPEC §2.2), dense or tiled, single process or sharded over ranks.
+"""Contrastive losses: CLIP and PyramidCLIP (docs/method.md §2.2), dense or tiled, single process or sharded over
+ranks.
 
 One InfoNCE direction scores this rank's B local rows x_i against the N gathered global columns y_j,
 z_ij = s·⟨x_i, y_j⟩ with s the (exp'd, clamped) logit scale. The positive of local row i is global column
@@ -39,7 +40,7 @@ from model.config_tree import require
 IMAGE_LEVELS = ("global", "local", "region")
 TEXT_LEVELS = ("caption", "summary", "objects")
 
-# Term groups, each a tuple of (image level, text level) pairs (SPEC §2.2).
+# Term groups, each a tuple of (image level, text level) pairs (docs/method.md §2.2).
 CLIP_TERMS: dict[str, tuple[tuple[str, str], ...]] = {"clip": (("global", "caption"),)}
 PYRAMID_TERMS: dict[str, tuple[tuple[str, str], ...]] = {
     "peer": (("global", "summary"), ("local", "caption")),
@@ -61,7 +62,7 @@ class LossConfig:
     kind: Literal["clip", "pyramid"] = "clip"  # clip: (global, caption) only | pyramid: the six PyramidCLIP terms
     # dense | tiled (PyTorch tile loop) | triton (CUDA; CPU under TRITON_INTERPRET=1) | auto: by size and device
     impl: Literal["auto", "dense", "tiled", "triton"] = "auto"
-    label_smoothing: float = 0.2  # α of the softened negatives (SPEC §2.2); 0 gives the original CLIP loss
+    label_smoothing: float = 0.2  # α of the softened negatives (docs/method.md §2.2); 0 gives the original CLIP loss
     lambda_global: float = 1.0 / 3.0  # λ, weight of the cross-level global terms
     mu_local: float = 1.0 / 3.0  # μ, weight of the cross-level local terms; peer terms get 1 − λ − μ
     tile_size: int = 1024  # rows and columns per block of the tiled PyTorch implementation

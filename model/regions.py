@@ -1,4 +1,4 @@
-"""PyramidCLIP's region level R: one token per box, from either of two sources (SPEC §2.1).
+"""PyramidCLIP's region level R: one token per box, from either of two sources (docs/method.md §2.1).
 
 - `boxes` (default): ROI-align over the image tower's own patch features at the f1/f2 split. Each box becomes
   the average of the feature map inside it (adaptive sampling, one output bin) plus a learned embedding of its

@@ -1,4 +1,5 @@
-"""Gradient cache (GradCache, SPEC §3): the contrastive batch is bounded by the loss, not by activation memory.
+"""Gradient cache (GradCache, docs/method.md §3): the contrastive batch is bounded by the loss, not by activation
+memory.
 
 One optimizer step over a local batch split into chunks:
 1. forward every chunk without autograd, saving the RNG state (CPU and device) before each, so dropout

@@ -1,4 +1,4 @@
-r"""Induce hierarchies with a trained HiCLIP model (SPEC §1.3): constituency trees for captions, patch groups
+r"""Induce hierarchies with a trained HiCLIP model (docs/method.md §1.3): constituency trees for captions, patch groups
 for images.
 
     python -m recipes.induce --model runs/demo/model --captions "a dog on a red couch" "two apples" \
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--text-threshold", type=float, default=TEXT_THRESHOLD)
     parser.add_argument("--image-thresholds", type=lambda s: [float(t) for t in s.split(",")], default=None,
-                        help="comma-separated θ per vision layer, lowest first (default: SPEC §1.3)")
+                        help="comma-separated θ per vision layer, lowest first (default: docs/method.md §1.3)")
     parser.add_argument("--overlay-size", type=int, default=256, help="side of the overlay PNGs in pixels")
     args = parser.parse_args(argv)
     missing = [p for p in args.images if not Path(p).is_file()]

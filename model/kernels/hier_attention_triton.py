@@ -1,6 +1,6 @@
 """Fused hierarchy-aware attention in Triton: FlashAttention-style forward and backward, log C computed on the fly.
 
-The constituent prior enters as its O(N) tables (SPEC §1): the cumulative break costs β of a token sequence
+The constituent prior enters as its O(N) tables (docs/method.md §1): the cumulative break costs β of a token sequence
 (`TREE`), or the per-row and per-column cumulative costs R, Cc of a patch grid (`GROUP`, token 0 = CLS when
 HAS_CLS). Each tile rebuilds its log C from those tables, so no N×N prior or probability ever reaches memory.
 

@@ -1,4 +1,4 @@
-"""Properties of the constituent priors (SPEC §1.1, §1.2) and their O(N) tables."""
+"""Properties of the constituent priors (docs/method.md §1.1, §1.2) and their O(N) tables."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Hierarchy induction (SPEC §1.3) on hand-built links, and the induce CLI on a tiny saved model."""
+"""Hierarchy induction (docs/method.md §1.3) on hand-built links, and the induce CLI on a tiny saved model."""
 import dataclasses
 
 import numpy as np

@@ -137,7 +137,8 @@ def test_patch_dropout_keeps_a_fraction_of_patches():
 
 
 def brute_force_links(prior, x: torch.Tensor, keep: torch.Tensor, g: int, prev: dict | None) -> dict:
-    """Links between each kept patch and its nearest kept neighbour in the full grid, straight from SPEC §1.2."""
+    """Links between each kept patch and its nearest kept neighbour in the full grid, straight from docs/method.md
+    §1.2."""
     t = prior.ln(x[1:])
     q, k = t @ prior.w_q.t() + prior.b_q, t @ prior.w_k.t()
     where = {divmod(int(j), g): i for i, j in enumerate(keep)}  # (row, col) in the full grid -> token
