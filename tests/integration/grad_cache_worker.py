@@ -124,7 +124,8 @@ def run_case(case: dict, info) -> dict:
     }
 
 
-def main(out_file: str, cases_json: str) -> None:
+def run_cases(run_case, out_file: str, cases_json: str) -> None:
+    """The multi-case worker's main: every rank runs each case, rank 0 writes one JSON line per case."""
     torch.set_num_threads(1)
     info = init_distributed()
     results = [run_case(case, info) for case in json.loads(cases_json)]
@@ -132,6 +133,10 @@ def main(out_file: str, cases_json: str) -> None:
         with open(out_file, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
     dist.barrier()
+
+
+def main(out_file: str, cases_json: str) -> None:
+    run_cases(run_case, out_file, cases_json)
 
 
 if __name__ == "__main__":

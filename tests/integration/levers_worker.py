@@ -8,7 +8,6 @@ HiCLIP x PyramidCLIP (hier attention in both towers, regions by ROI-align), fp32
 tests/integration/grad_cache_worker.py.
 """
 import dataclasses
-import json
 import sys
 
 import deepspeed
@@ -19,10 +18,10 @@ from bench.zero_memory import counting_gathers
 from model import transformer
 from model.losses import LossConfig, compute_loss
 from recipes.config import load_config
-from recipes.engine import build_engine, deepspeed_config, init_distributed
+from recipes.engine import build_engine, deepspeed_config
 from recipes.grad_cache import GradCacheConfig, cached_backward
 from recipes.step import split_levels
-from tests.integration.grad_cache_worker import BATCH, CHUNK, full_grads, make_batch
+from tests.integration.grad_cache_worker import BATCH, CHUNK, full_grads, make_batch, run_cases
 from tests.unit.test_pyramid_model import small_config
 
 
@@ -73,7 +72,8 @@ def one_step(engine, batch: dict, case: dict, seed: int) -> tuple[dict, float, i
     return grads, loss.item(), gathers["calls"]
 
 
-def run_case(case: dict, rank: int) -> dict:
+def run_case(case: dict, info) -> dict:
+    rank = info.rank
     batch = make_batch({"missing_on_rank1": False, "loss": "pyramid"}, rank)
     results, block_runs = {}, [0]
     count_recomputations(block_runs)
@@ -97,16 +97,6 @@ def run_case(case: dict, rank: int) -> dict:
             "other_seed_rel_err": max(((other[n] - g).norm() / g.norm()).item() for n, g in ref.items())}
 
 
-def main(out_file: str, cases_json: str) -> None:
-    torch.set_num_threads(1)
-    info = init_distributed()
-    results = [run_case(case, info.rank) for case in json.loads(cases_json)]
-    if info.rank == 0:
-        with open(out_file, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in results)
-    dist.barrier()
-
-
 if __name__ == "__main__":
     deepspeed.utils.logger.setLevel("WARNING")
-    main(sys.argv[1], sys.argv[2])
+    run_cases(run_case, sys.argv[1], sys.argv[2])
