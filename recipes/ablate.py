@@ -1,6 +1,6 @@
 """Variants x seeds from one recipe: train each cell, evaluate it, and tabulate mean ± std per metric.
 
-    python -m recipes.ablate --config recipes/configs/demo.yaml --out runs/ablate --seeds 0 1 2 \
+    python -m recipes.ablate --config recipes/configs/demo.yaml --out runs/ablate --seeds 0,1,2 \
         train.steps=60 train.warmup_steps=6
     python -m recipes.ablate ... --variant clip= --variant deep=model.vision.layers=6,model.text.layers=6
 
@@ -250,8 +250,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the one recipe every cell starts from")
     p.add_argument("--out", required=True, help="ablation folder (cells, table.md, ablation.png)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=None, help=f"some of {list(VARIANTS)} (default: all)")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2], help="e.g. 0,1,2")
+    p.add_argument("--variants", type=lambda s: s.split(","), default=None,
+                   help=f"comma-separated, some of {','.join(VARIANTS)} (default: all)")
     p.add_argument("--variant", action="append", default=[], help="NAME=k=v,k=v; replaces the default variants")
     p.add_argument("--ranks", type=int, default=1, help="training processes per cell (torchrun when > 1)")
     p.add_argument("--probe", default="", help="also a linear probe on this eval set kind (e.g. animal_mnist)")
@@ -272,8 +273,8 @@ def main(argv=None) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         results, failed = [], []
-        for name, overrides in variants.items():
-            for seed in args.seeds:
+        for seed in args.seeds:  # seed-major: a run cut short still has every variant at the seeds it finished
+            for name, overrides in variants.items():
                 try:
                     results.append(run_cell(args.config, args.overrides, name, overrides, seed, out, args.ranks,
                                             args.probe, args.induction_images))
