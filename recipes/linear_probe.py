@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.eval_sets import EvalSetConfig, build_eval_set
+from data_pipeline.eval_sets import KINDS, EvalSetConfig, build_eval_set
 from recipes.evaluate import embed_eval_set
 
 COARSE = [10.0 ** e for e in range(-6, 7)]
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="consolidated model folder")
-    p.add_argument("--set", default="animal_mnist", choices=("animal_mnist", "image_folder", "imagenet"))
+    p.add_argument("--set", default="animal_mnist", choices=[k for k in KINDS if k not in ("shards", "coco", "flickr30k")])
     p.add_argument("--root", default="", help="test images (image_folder, imagenet)")
     p.add_argument("--train-root", default="", help="training images in the same layout; without it the set is cut")
     p.add_argument("--max-samples", type=int, default=0, help="use N images spread over each set (0 = all)")
