@@ -1,4 +1,4 @@
-"""Variants x seeds from one recipe: train each cell, evaluate it, and tabulate mean ± std per metric.
+r"""Variants x seeds from one recipe: train each cell, evaluate it, and tabulate mean ± std per metric.
 
     python -m recipes.ablate --config recipes/configs/demo.yaml --out runs/ablate --seeds 0,1,2 \
         train.steps=60 train.warmup_steps=6

@@ -1,4 +1,4 @@
-"""CLIP_benchmark (`clip-benchmark`, pinned in requirements.txt) on our consolidated model folders, offline.
+r"""CLIP_benchmark (`clip-benchmark`, pinned in requirements.txt) on our consolidated model folders, offline.
 
     python -m recipes.benchmark eval --pretrained runs/demo/model --dataset wds/demo --dataset_root data/demo_wds \
         --task zeroshot_classification --no_amp --num_workers 0 --output "runs/demo/{dataset}_{task}.json"

@@ -1,4 +1,4 @@
-"""How well HiCLIP's induced patch groups separate object from background, per layer, against position alone.
+r"""How well HiCLIP's induced patch groups separate object from background, per layer, against position alone.
 
     python -m recipes.induction_score --model runs/demo_hier/model [--images demo|FOLDER] \
         [--thresholds calibrated|spec|0.3,0.5,...]
