@@ -92,6 +92,11 @@ def list_emojis() -> list[Emoji]:
     return emojis
 
 
+def is_held_out(emoji: Emoji) -> bool:
+    """In the eval split: a stable ~EVAL_PERCENT% of emojis, chosen by a hash of the key."""
+    return stable_percent("eval:" + emoji.key) < EVAL_PERCENT
+
+
 def render(png_path: str) -> tuple[bytes, list[float], tuple[int, int]]:
     """Composite on white; return (PNG bytes, normalised xyxy box of the opaque pixels, (w, h))."""
     rgba = Image.open(png_path).convert("RGBA")
@@ -143,8 +148,8 @@ def build(out: str, train_shards: int = 8, eval_shards: int = 2) -> dict:
     emojis = list_emojis()
     categories = list(CLASSNAMES)
     labels = {c: i for i, c in enumerate(categories)}
-    held_out = [e for e in emojis if stable_percent("eval:" + e.key) < EVAL_PERCENT]
-    train = [e for e in emojis if stable_percent("eval:" + e.key) >= EVAL_PERCENT]
+    held_out = [e for e in emojis if is_held_out(e)]
+    train = [e for e in emojis if not is_held_out(e)]
     with tqdm(total=2, desc="demo shards", disable=None) as bar:
         train_paths = write_split(train, out, "train", train_shards, labels)
         bar.update()

@@ -10,8 +10,14 @@ Kinds (class names and templates ship in data_pipeline/zeroshot/*.json; nothing 
   (`pip install --no-deps animal-mnist`; its gzip pickles are read directly: its loader imports TensorFlow).
 - `image_folder`: `root/<class>/<image>`, classes in sorted folder order; names are the folder names unless
   `classnames` points at a JSON of {"classnames": [...], "templates": [...]} in that order.
-- `imagenet`: an `image_folder` of ImageNet-1k val in the standard layout (`root/n01440764/*.JPEG`, the 1,000
-  WordNet ids sorted = the class indices) with CLIP's class names and 80 templates.
+- `imagenet`: ImageNet-1k val in the standard layout (`root/n01440764/*.JPEG`, the 1,000 WordNet ids sorted =
+  the class indices) with CLIP's class names and 80 templates.
+- `imagenet_v2`: ImageNetV2 (`root/0/ .. root/999/`: the folder *number* is the class index; sorted as text,
+  "10" would come before "2"). `imagenet_sketch`: `root/<wnid>/`, the 1k classes.
+- `imagenet_r`, `imagenet_a`: `root/<wnid>/` for 200 of the 1k classes (ids in zeroshot/imagenet_{r,a}.json);
+  the label is the position among those 200 and the class names are the 1k names at those ids.
+  Labels come from the folder name, never from folder positions: a missing class folder shifts nothing. A
+  folder that does not fit the layout is an error naming it and the layout expected (`IMAGENET_LAYOUTS`).
 - `coco` / `flickr30k`: retrieval over a Karpathy split (`annotations` = dataset_coco.json /
   dataset_flickr30k.json, images under `root`); `split` picks test (5k COCO, 1k Flickr) or val.
 
@@ -38,7 +44,16 @@ from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.transforms import IMAGE_EXTENSIONS, SampleTransform, ViewConfig, decode_rgb
 
 ZEROSHOT_DIR = Path(__file__).parent / "zeroshot"
-Kind = Literal["shards", "animal_mnist", "image_folder", "imagenet", "coco", "flickr30k"]
+Kind = Literal["shards", "animal_mnist", "image_folder", "imagenet", "imagenet_v2", "imagenet_r", "imagenet_a",
+               "imagenet_sketch", "coco", "flickr30k"]
+# ImageNet and its variants: class folders -> label, on the 1k names (WordNet ids in data_pipeline/zeroshot/*.json).
+IMAGENET_LAYOUTS = {
+    "imagenet": "root/<WordNet id>/<image> with the 1k ids, e.g. root/n01440764/ILSVRC2012_val_00000293.JPEG",
+    "imagenet_v2": "root/<class number 0..999>/<image>, ImageNetV2's extracted layout, e.g. root/0/7e1.jpeg",
+    "imagenet_r": "root/<WordNet id>/<image> with ImageNet-R's 200 ids, e.g. root/n01443537/art_0.jpg",
+    "imagenet_a": "root/<WordNet id>/<image> with ImageNet-A's 200 ids, e.g. root/n01498041/0.000116_digital clock.jpg",
+    "imagenet_sketch": "root/<WordNet id>/<image> with the 1k ids, e.g. root/n01440764/sketch_0.JPEG",
+}
 KINDS: tuple[str, ...] = get_args(Kind)
 
 
@@ -92,23 +107,39 @@ def build_eval_set(cfg: EvalSetConfig, data: DataConfig, tokenizer: Tokenizer, *
     if cfg.kind == "animal_mnist":
         dataset: Dataset = AnimalMnist(transform)
         classnames, templates = load_zeroshot_meta(ZEROSHOT_DIR / "animal_mnist.json")
-    elif cfg.kind in ("image_folder", "imagenet"):
+    elif cfg.kind == "image_folder":
         dataset = ImageFolder(_required_dir(cfg.root, cfg.kind), transform)
-        if cfg.kind == "imagenet" and len(dataset.folders) != 1000:
-            raise ValueError(f"imagenet root {cfg.root} has {len(dataset.folders)} class folders, expected 1000")
-        meta = ZEROSHOT_DIR / "imagenet1k.json" if cfg.kind == "imagenet" else None
-        classnames, templates = load_zeroshot_meta(meta) if meta else (dataset.folders, DEFAULT_TEMPLATES)
+        classnames, templates = dataset.folders, DEFAULT_TEMPLATES
+    elif cfg.kind in IMAGENET_LAYOUTS:
+        labels, classnames, templates = imagenet_labels(cfg.kind)
+        dataset = ImageFolder(_required_dir(cfg.root, cfg.kind), transform, labels,
+                              f"{cfg.kind}: expected {IMAGENET_LAYOUTS[cfg.kind]}")
     else:
         dataset = KarpathyCaptions(_required_dir(cfg.root, cfg.kind), cfg.annotations, cfg.split, transform)
         classnames, templates = [], []
     if cfg.classnames:
         classnames, templates = load_zeroshot_meta(cfg.classnames)
-    if isinstance(dataset, ImageFolder) and len(classnames) != len(dataset.folders):
-        raise ValueError(f"{cfg.kind}: {len(classnames)} class names for {len(dataset.folders)} class folders")
+    if isinstance(dataset, ImageFolder) and len(classnames) != dataset.num_classes:
+        raise ValueError(f"{cfg.kind}: {len(classnames)} class names for {dataset.num_classes} classes")
     shard = torch.utils.data.Subset(dataset, spread(len(dataset), cfg.max_samples)[rank::world_size])
     collate = _CaptionCollate(tokenizer) if isinstance(dataset, KarpathyCaptions) else _label_collate
     loader = DataLoader(shard, batch_size=batch_size, num_workers=data.workers, collate_fn=collate)
     return EvalSet(name, loader, classnames, templates)
+
+
+def imagenet_labels(kind: str) -> tuple[dict[str, int], list[str], list[str]]:
+    """(folder name -> label, class names, templates) of ImageNet or one of its variants."""
+    with open(ZEROSHOT_DIR / "imagenet1k.json") as f:
+        meta = json.load(f)
+    names, templates, wnids = meta["classnames"], meta["templates"], meta["wnids"]
+    if kind == "imagenet_v2":
+        return {str(i): i for i in range(len(names))}, names, templates
+    if kind in ("imagenet_r", "imagenet_a"):
+        with open(ZEROSHOT_DIR / f"{kind}.json") as f:
+            subset = json.load(f)["wnids"]
+        index = {w: i for i, w in enumerate(wnids)}
+        return {w: i for i, w in enumerate(subset)}, [names[index[w]] for w in subset], templates
+    return {w: i for i, w in enumerate(wnids)}, names, templates
 
 
 def _required_dir(root: str, kind: str) -> str:
@@ -175,11 +206,20 @@ class AnimalMnist(Dataset):
 
 
 class ImageFolder(Dataset):
-    """(image, label) from root/<class>/<file>; class index = position of the folder in sorted order."""
+    """(image, label) from root/<class>/<file>; class index = position of the folder in sorted order, or
+    `labels[folder name]` when a mapping is given (a folder outside it is refused, naming `layout`)."""
 
-    def __init__(self, root: str, transform):
+    def __init__(self, root: str, transform, labels: dict[str, int] | None = None,
+                 layout: str = "expected root/<class>/<image>"):
         self.folders = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        self.items = [(os.path.join(root, folder, f), label) for label, folder in enumerate(self.folders)
+        if labels is None:
+            labels = {folder: i for i, folder in enumerate(self.folders)}
+        stray = [folder for folder in self.folders if folder not in labels]
+        if stray or not self.folders:
+            found = f"folder {stray[0]!r} does not fit" if stray else "no class folders"
+            raise ValueError(f"{root}: {found}; {layout}")
+        self.num_classes = len(set(labels.values()))
+        self.items = [(os.path.join(root, folder, f), labels[folder]) for folder in self.folders
                       for f in sorted(os.listdir(os.path.join(root, folder)))
                       if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
         if not self.items:

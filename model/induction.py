@@ -59,6 +59,20 @@ def image_thresholds(layers: int) -> tuple[float, ...]:
     return tuple(IMAGE_THRESHOLDS_12[round(i * 11 / max(layers - 1, 1))] for i in range(layers))
 
 
+def calibrated_thresholds(per_layer_links: Sequence[Tensor], low: float = 0.75, high: float = 0.25) -> tuple[float, ...]:
+    """θ_l = a quantile of layer l's own links (pooled over a set of images), from `low` at the bottom layer to
+    `high` at the top: fine groups low, coarse groups high, whatever the depth and the training length.
+
+    SPEC's θ suit a 12-layer model whose links approach 1 near the top; a shallow or briefly trained model's links
+    sit well below them (a 4-layer demo model: medians 0.26-0.69), so every edge breaks at every layer. Quantiles
+    of the layer's own links need no labels and no depth-specific table (docs/evaluation.md).
+    """
+    n = len(per_layer_links)
+    quantiles = [low + (high - low) * i / max(n - 1, 1) for i in range(n)]
+    return tuple(round(float(torch.quantile(links.flatten().double(), q)), 4)
+                 for links, q in zip(per_layer_links, quantiles))
+
+
 def patch_groups(horizontal: Tensor, vertical: Tensor, threshold: float) -> Tensor:
     """Group label per patch [H, W] (0..groups-1, in row-major order of first appearance).
 

@@ -203,7 +203,7 @@ def check_eval_sets(cfg: EvalConfig, data_cfg) -> None:
     for s in cfg.sets:  # kinds are checked on load (EvalSetConfig.kind is a Literal)
         if s.kind == "shards" and not data_cfg.eval_shards:
             raise ValueError("eval.sets: kind 'shards' needs data.eval_shards")
-        if s.kind in ("image_folder", "imagenet", "coco", "flickr30k") and not Path(s.root).is_dir():
+        if s.kind not in ("shards", "animal_mnist") and not Path(s.root).is_dir():  # every other kind reads a root
             raise FileNotFoundError(f"eval.sets: {s.kind} root folder not found: {s.root!r}")
         if s.kind in ("coco", "flickr30k") and not Path(s.annotations).is_file():
             raise FileNotFoundError(f"eval.sets: {s.kind} annotations not found: {s.annotations!r}")
