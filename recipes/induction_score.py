@@ -48,7 +48,7 @@ def vision_links(model, images: torch.Tensor, batch_size: int = 64) -> list[tupl
 
 
 def resolve_thresholds(choice: str | list[float], links: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-    """"calibrated" (quantiles of each layer's links, model/induction.py), "spec" (SPEC §1.3's curve), or a list."""
+    """"calibrated" (quantiles of each layer's links, model/induction.py), "spec" (docs/method.md §1.3's curve), or a list."""
     if choice == "calibrated":
         return list(calibrated_thresholds([torch.cat([h.flatten(), v.flatten()]) for h, v in links]))
     if choice == "spec":
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     p.add_argument("--images", default="demo", help="'demo' (held-out Twemoji) or a folder of RGBA PNGs")
     p.add_argument("--thresholds", default="calibrated",
                    type=lambda s: s if s in ("calibrated", "spec") else [float(t) for t in s.split(",")],
-                   help="calibrated (default: per-layer link quantiles 0.75 -> 0.25), spec (SPEC §1.3's θ), "
+                   help="calibrated (default: per-layer link quantiles 0.75 -> 0.25), spec (docs/method.md §1.3's θ), "
                         "or comma-separated θ per vision layer, lowest first")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
