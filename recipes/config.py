@@ -71,7 +71,7 @@ class TrainConfig:
 class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     every_steps: int = 500
-    keep_last: int = 3
+    keep_last: int = 3  # newest complete tags kept (and always the one `latest` names); 0 keeps every tag
     resume: str = ""  # "" starts fresh; "latest" or a tag resumes from `dir`; "auto": latest if any, else fresh
     # On it, and always on SIGTERM (SLURM's time limit, scancel): checkpoint at a step all ranks agree on, exit 75
     # (requeue). "" leaves SIGTERM as the only one.
@@ -83,7 +83,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         require(bool(self.dir), "dir", self.dir, "a folder path")
         require(self.every_steps >= 1, "every_steps", self.every_steps, "≥ 1")
-        require(self.keep_last >= 1, "keep_last", self.keep_last, "≥ 1")
+        require(self.keep_last >= 0, "keep_last", self.keep_last, "≥ 0 (0 keeps every tag)")
         require(self.preempt_check_every >= 1, "preempt_check_every", self.preempt_check_every, "≥ 1")
         catchable = sorted(s.name for s in signal.Signals if s.name not in UNCATCHABLE_SIGNALS)
         if self.preempt_signal and self.preempt_signal not in catchable:

@@ -75,6 +75,7 @@ def test_section_validation_runs_on_load():
     ("train.betas=[0.9]", r"train\.betas must have 2 items"),
     ("checkpoint.every_steps=0", r"checkpoint: every_steps must be ≥ 1, got 0"),
     ("logging.every_steps=0", r"logging: every_steps must be ≥ 1, got 0"),
+    ("checkpoint.keep_last=-1", r"checkpoint: keep_last must be ≥ 0 \(0 keeps every tag\), got -1"),
     ("checkpoint.preempt_signal=SIGUSR3", r"checkpoint: preempt_signal must be a catchable signal.*got 'SIGUSR3' \(did you mean 'SIGUSR2'"),
     ("checkpoint.preempt_signal=SIGKILL", r"checkpoint: preempt_signal must be a catchable signal.*got 'SIGKILL'"),
     ("model.vision.patch_size=0", r"model\.vision: patch_size must be ≥ 1 and a divisor of image_size \(224\)"),
