@@ -16,7 +16,9 @@ The state is per rank: gather it from every rank into the checkpoint, give each 
 
 from __future__ import annotations
 
+import atexit
 import json
+import multiprocessing
 import os
 import signal
 from collections import Counter
@@ -47,6 +49,18 @@ def _ignore_termination(worker_id: int) -> None:
     worker handler dies of it; the training process decides what it means (a preemption checkpoint), and stops
     its workers itself when done."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit() -> None:
+    """Workers ignore SIGTERM, and multiprocessing's own exit hook stops daemonic children with SIGTERM and then
+    joins them: the workers of a loader whose iterator is still referenced (by the traceback of the error that
+    ends the run, say) would keep the process from ever exiting. At exit they get SIGKILL instead."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_workers_at_exit)  # registered after multiprocessing's hook, so it runs first (LIFO)
 
 
 def _one_line(error: DataQualityError) -> DataQualityError:
