@@ -25,6 +25,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from model.config import HierConfig
 from model.hier_prior import GroupPrior
 from model.transformer import Block
+from recipes import host_memory
 
 WIDTH, HEADS, MLP_RATIO = 768, 12, 4.0
 GRIDS = {50: 7, 197: 14, 577: 24}
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=list(GRIDS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    host_memory.keep_freed_memory()  # as the trainer runs on CPU (recipes/engine.py)
 
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}, "
           f"block width {WIDTH}, heads {HEADS}, fwd+bwd CPU time, median of {args.repeats}")

@@ -12,6 +12,12 @@ Variants are interleaved repeat by repeat and compared by the ratio of medians.
 (`guard_overhead`: its median step time over the unguarded one's, minus 1). On a world of one the guard's
 all-reduce costs nothing; on GPUs its host sync is the part to watch.
 
+`pyramid_time_over_flops` is `pyramid_vs_vanilla` over PyramidCLIP's FLOP ratio (`model/flops.py`, printed as
+`pyramid_flop_ratio`): 1.0 when its extra work costs exactly what its extra FLOPs do; `hier_flop_ratio` is the same
+count for HiCLIP. `mfu_<variant>`: model FLOP/s (the same count) over this CPU's fp32 GEMM peak on the bench's
+threads, measured at the end of the run (`recipes.metrics.measure_gemm_tflops`, what the trainer calibrates with). On CPU the process group's set-up keeps freed host memory for reuse (recipes/host_memory.py), for
+every variant here, open_clip's included.
+
 Batch 128 per device by default: CLIP runs train at 128-512 per device. The engine's per-step work that does
 not grow with the batch (DeepSpeed copies every gradient into its reduction buckets and flat partition, then
 clips and updates) is ~0.15 s here: ~7% of a step at batch 32, under 2% at 128. Run `--batch 32` to see it.
@@ -37,6 +43,16 @@ SIZE = dict(image_size=224, patch_size=32, vision_width=384, vision_layers=6, vi
             text_width=256, text_layers=6, text_heads=4, embed_dim=256, context=77)
 
 
+def model_overrides(attention: str) -> list[str]:
+    z = SIZE
+    return [f"model.embed_dim={z['embed_dim']}", f"model.vision.image_size={z['image_size']}",
+            f"model.vision.patch_size={z['patch_size']}", f"model.vision.width={z['vision_width']}",
+            f"model.vision.layers={z['vision_layers']}", f"model.vision.heads={z['vision_heads']}",
+            f"model.text.width={z['text_width']}", f"model.text.layers={z['text_layers']}",
+            f"model.text.heads={z['text_heads']}", f"model.vision.attention={attention}",
+            f"model.text.attention={attention}"]
+
+
 def batch_tensors(batch: int, pyramid: bool, generator: torch.Generator) -> dict:
     s, c = SIZE["image_size"], SIZE["context"]
 
@@ -60,16 +76,8 @@ def ours(attention: str, loss: str, batch: int, guard: bool = False):
     from recipes.guard import Guard
     from recipes.step import train_step
 
-    z = SIZE
-    cfg = load_config(None, [
-        f"model.embed_dim={z['embed_dim']}", f"model.vision.image_size={z['image_size']}",
-        f"model.vision.patch_size={z['patch_size']}", f"model.vision.width={z['vision_width']}",
-        f"model.vision.layers={z['vision_layers']}", f"model.vision.heads={z['vision_heads']}",
-        f"model.text.width={z['text_width']}", f"model.text.layers={z['text_layers']}",
-        f"model.text.heads={z['text_heads']}", f"model.vision.attention={attention}",
-        f"model.text.attention={attention}", f"loss.kind={loss}", "loss.label_smoothing=0.0",
-        "train.precision=fp32", "train.ds_config=ds_configs/zero2.json", f"train.batch_size={batch}",
-    ])
+    cfg = load_config(None, [*model_overrides(attention), f"loss.kind={loss}", "loss.label_smoothing=0.0",
+                             "train.precision=fp32", "train.ds_config=ds_configs/zero2.json", f"train.batch_size={batch}"])
     torch.manual_seed(0)
     ds = deepspeed_config(cfg)
     engine = build_engine(cfg, ds)
@@ -84,6 +92,22 @@ def ours(attention: str, loss: str, batch: int, guard: bool = False):
         g.end(engine)
 
     return guarded
+
+
+def train_flops(variant: str) -> int:
+    """Training FLOPs per sample of a variant ('hier_pyramid', ...) at these sizes (model/flops.py)."""
+    from model.flops import count_flops
+    from recipes.config import load_config
+
+    attention, loss = variant.split("_")
+    attention = "vanilla" if attention == "open" else attention  # open_clip's CLIP is our vanilla CLIP's shape
+    return count_flops(load_config(None, model_overrides(attention)).model, pyramid=loss == "pyramid").train
+
+
+def flop_ratios() -> dict[str, float]:
+    """HiCLIP's and PyramidCLIP's training FLOPs over CLIP's."""
+    clip = train_flops("vanilla_clip")
+    return {"hier": train_flops("hier_clip") / clip, "pyramid": train_flops("vanilla_pyramid") / clip}
 
 
 def open_clip_step(batch: int, fused_adamw: bool = False):
@@ -158,9 +182,21 @@ def main() -> None:
     }
     result = {"bench": "step", "batch": args.batch}
     result.update({key: round(median[a] / median[b], 3) for key, (a, b) in ratios.items() if a in median and b in median})
+    flops = flop_ratios()
+    result.update({f"{k}_flop_ratio": round(v, 3) for k, v in flops.items()})
+    if "pyramid_vs_vanilla" in result:
+        result["pyramid_time_over_flops"] = round(median["vanilla_pyramid"] / median["vanilla_clip"] / flops["pyramid"], 3)
     if "vanilla_clip_guard" in median and "vanilla_clip" in median:
         # the divergence guard (recipes/guard.py) on vs off: its loss all-reduce, host sync and bookkeeping
         result["guard_overhead"] = round(median["vanilla_clip_guard"] / median["vanilla_clip"] - 1, 4)
+    # MFU against this CPU's fp32 GEMM peak on the same threads, measured now, in the same process
+    from recipes.metrics import measure_gemm_tflops
+
+    peak = measure_gemm_tflops(torch.float32, seconds=2.0)
+    result["cpu_fp32_gemm_peak_tflops"] = round(peak, 4)
+    for name in median:
+        if name != "vanilla_clip_guard":
+            result[f"mfu_{name}"] = round(train_flops(name) * args.batch / median[name] / 1e12 / peak, 3)
     print(json.dumps(result))
 
 

@@ -64,54 +64,93 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, prior: ConstituentPrior
 
 
 class _MultiplyAttention(torch.autograd.Function):
-    """(C ⊙ softmax(S)) V with S = QKᵀ/√d masked, C = e^{log C} [B, 1, N, N] (0 where masked).
+    """(C ⊙ softmax(S)) V over the packed projection qkv [B, N, 3, H, D] -> [B, N, H, D], with S = QKᵀ/√d masked
+    and C = e^{log C} [B, 1, N, N] (0 where masked).
 
     Backward, with W = C ⊙ P and D_i = dO_i·O_i: dV = Wᵀ dO, dB = Σ_heads W ⊙ (dO Vᵀ) (the gradient of log C),
     dS = W ⊙ (dO Vᵀ) − P ⊙ D. Softmax and the gradient algebra run in fp32 whatever the input dtype.
+
+    What this costs over fused attention on a CPU is memory traffic, so it runs head by head on the packed
+    layout: each head's q, k, v are [B, N, D] matrices with a row stride of 3·H·D, which batched GEMMs read in
+    place, and each head's output and q, k, v gradients are written by the GEMM straight into their slot of a
+    [B, N, H, D] or [B, N, 3, H, D] buffer. Taking the heads apart as [B, H, N, D] instead copies q, k, v into
+    that layout, then each of their gradients back (autograd's stack of the three is a strided transpose), ~25%
+    of this function's time. The 1/√d goes onto the scores with the mask in one pass, and onto dQ and dK (smaller than
+    dS when N > D); the score gradient is formed in place in dO Vᵀ's buffer with one fused pass (addcmul).
+    (baddbmm would fold the scale into the GEMM, but on CPU it falls back to one addmm per matrix.)
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, log_c: Tensor, mask: Tensor | None) -> Tensor:
-        acc = torch.promote_types(q.dtype, torch.float32)
-        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        if mask is not None:
-            scores = scores + mask
-        p = scores.softmax(dim=-1, dtype=acc)
-        del scores
-        c = log_c.to(acc).exp()
-        out = (p * c).to(v.dtype) @ v
-        ctx.save_for_backward(q, k, v, out, p, c)
-        ctx.log_c_dtype = log_c.dtype
+    def forward(ctx, qkv: Tensor, log_c: Tensor, mask: Tensor | None) -> Tensor:
+        b, n, _, heads, d = qkv.shape
+        acc = torch.promote_types(qkv.dtype, torch.float32)
+        scale = d**-0.5
+        c = log_c.to(acc).exp()[:, 0]  # [B, N, N], shared by the heads
+        bias = None if mask is None else mask[:, 0].to(qkv.dtype).expand(b, n, n)
+        out = qkv.new_empty(b, n, heads, d)
+        probs = []
+        for h in range(heads):
+            q, k, v = qkv[:, :, 0, h], qkv[:, :, 1, h], qkv[:, :, 2, h]
+            scores = torch.bmm(q, k.transpose(1, 2))
+            scores = scores.mul_(scale) if bias is None else torch.add(bias, scores, alpha=scale, out=scores)
+            p = scores.softmax(dim=-1, dtype=acc)
+            del scores
+            torch.bmm((p * c).to(v.dtype), v, out=out[:, :, h])
+            probs.append(p)
+        ctx.save_for_backward(qkv, out, c, *probs)
+        ctx.log_c_dtype, ctx.scale = log_c.dtype, scale
         return out
 
     @staticmethod
     def backward(ctx, d_out: Tensor):
-        q, k, v, out, p, c = ctx.saved_tensors
-        w = p * c
-        dv = w.to(v.dtype).transpose(-1, -2) @ d_out
-        dw = (d_out @ v.transpose(-1, -2)).to(w.dtype).mul_(w)  # W ⊙ (dO Vᵀ)
-        del w
-        d_log_c = dw.sum(dim=1, keepdim=True)
-        delta = (d_out.to(p.dtype) * out.to(p.dtype)).sum(dim=-1, keepdim=True)
-        ds = dw.sub_(p * delta).mul_(q.shape[-1] ** -0.5).to(q.dtype)
-        dq = ds @ k
-        dk = ds.transpose(-1, -2) @ q
-        return dq, dk, dv, d_log_c.to(ctx.log_c_dtype), None
+        qkv, out, c, *probs = ctx.saved_tensors
+        scale = ctx.scale
+        d_qkv = torch.empty_like(qkv)
+        d_log_c = torch.zeros_like(c)
+        delta = (d_out.to(c.dtype) * out.to(c.dtype)).sum(dim=-1)  # [B, N, H]
+        for h, p in enumerate(probs):
+            q, k, v, g = qkv[:, :, 0, h], qkv[:, :, 1, h], qkv[:, :, 2, h], d_out[:, :, h]
+            w = p * c
+            torch.bmm(w.to(v.dtype).transpose(1, 2), g, out=d_qkv[:, :, 2, h])  # dV = Wᵀ dO
+            dw = torch.bmm(g, v.transpose(1, 2)).to(w.dtype).mul_(w)  # W ⊙ (dO Vᵀ)
+            del w
+            d_log_c += dw
+            ds = dw.addcmul_(p, delta[:, :, h, None], value=-1.0).to(qkv.dtype)  # ∂L/∂S
+            torch.bmm(ds, k, out=d_qkv[:, :, 0, h]).mul_(scale)  # dQ = dS K / √d
+            torch.bmm(ds.transpose(1, 2), q, out=d_qkv[:, :, 1, h]).mul_(scale)  # dK = dSᵀ Q / √d
+        return d_qkv, d_log_c[:, None].to(ctx.log_c_dtype), None
+
+
+def _log_prior_and_mask(prior: ConstituentPrior, n: int, causal: bool, device) -> tuple[Tensor, Tensor | None]:
+    """log C [B, 1, N, N] with -inf where a pair is not allowed, and the pairs' additive mask (None: all allowed)."""
+    allowed = allowed_pairs(n, prior.lengths, causal, device)
+    log_c = prior.log_prior()[:, None]
+    if allowed is None:
+        return log_c, None
+    return log_c.masked_fill(~allowed, float("-inf")), torch.zeros((), device=device).masked_fill(~allowed, float("-inf"))
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, prior: ConstituentPrior, *, causal: bool,
                    dropout_p: float = 0.0) -> Tensor:
-    """The efficient path: per-sample log C [B, 1, N, N] from the tables, broadcast over heads (module docstring)."""
-    allowed = allowed_pairs(q.shape[-2], prior.lengths, causal, q.device)
-    log_c = prior.log_prior()[:, None]
-    if allowed is not None:
-        log_c = log_c.masked_fill(~allowed, float("-inf"))
+    """The efficient path on [B, H, N, D] tensors: per-sample log C [B, 1, N, N] from the tables, broadcast over
+    heads (module docstring). The multiply mode packs q, k, v as `sdpa_attention_packed` takes them."""
+    if prior.mode == "multiply":
+        qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
+        return sdpa_attention_packed(qkv, prior, causal=causal, dropout_p=dropout_p).transpose(1, 2)
+    log_c, _ = _log_prior_and_mask(prior, q.shape[-2], causal, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=log_c.to(q.dtype), dropout_p=dropout_p)
+
+
+def sdpa_attention_packed(qkv: Tensor, prior: ConstituentPrior, *, causal: bool, dropout_p: float = 0.0) -> Tensor:
+    """The efficient path on the packed projection qkv [B, N, 3, H, D] -> [B, N, H, D] (what the block's output
+    projection reads without a copy)."""
     if prior.mode == "bias":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=log_c.to(q.dtype), dropout_p=dropout_p)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return sdpa_attention(q, k, v, prior, causal=causal, dropout_p=dropout_p).transpose(1, 2)
     if dropout_p > 0:
         raise NotImplementedError("attn_impl=sdpa has no attention dropout in prior_mode=multiply; use reference")
-    mask = None if allowed is None else torch.zeros((), device=q.device).masked_fill(~allowed, float("-inf"))
-    return _MultiplyAttention.apply(q, k, v, log_c, mask)
+    log_c, mask = _log_prior_and_mask(prior, qkv.shape[1], causal, qkv.device)
+    return _MultiplyAttention.apply(qkv, log_c, mask)
 
 
 @functools.cache
@@ -159,3 +198,14 @@ def hier_attention(q: Tensor, k: Tensor, v: Tensor, prior: ConstituentPrior, *, 
     from model.kernels.hier_attention_triton import triton_attention
 
     return triton_attention(q, k, v, prior, causal=causal)
+
+
+def hier_attention_packed(qkv: Tensor, prior: ConstituentPrior, *, causal: bool, dropout_p: float = 0.0) -> Tensor:
+    """`hier_attention` on the packed projection qkv [B, N, 3, H, D], returning [B, N, H, D]: the transformer
+    block's entry point, so the CPU path reads q, k, v and writes their gradients in place."""
+    if prior.mode not in MODES:
+        raise ValueError(f"prior_mode must be one of {MODES}, got {prior.mode!r}")
+    if resolve_impl(prior.impl, prior.mode, qkv, dropout_p) == "sdpa":
+        return sdpa_attention_packed(qkv, prior, causal=causal, dropout_p=dropout_p)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    return hier_attention(q, k, v, prior, causal=causal, dropout_p=dropout_p).transpose(1, 2)

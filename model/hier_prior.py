@@ -48,6 +48,41 @@ def exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
     return torch.cat([x.new_zeros(shape), x.cumsum(dim)], dim=dim)
 
 
+class _NeighbourDots(torch.autograd.Function):
+    """a_u·t_v for every pair of neighbours along the given token dims of a, t [B, *grid, D], both directions.
+
+    Returns, per dim, (a_i·t_{i+1}, a_{i+1}·t_i) over the N-1 edges of that dim. The same as slicing and summing
+    products under autograd, but the backward accumulates the four slices' gradients in place (addcmul) into one
+    buffer each for a and t, where autograd would materialise every product's gradient, zero-pad each slice's back
+    to full size and add them up: ~40% of a Group prior's elementwise time went there (docs/performance.md).
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, t: Tensor, *dims: int):
+        ctx.save_for_backward(a, t)
+        ctx.dims = dims
+        out = []
+        for d in dims:
+            m = a.shape[d] - 1
+            out += [(a.narrow(d, 0, m) * t.narrow(d, 1, m)).sum(-1), (a.narrow(d, 1, m) * t.narrow(d, 0, m)).sum(-1)]
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        a, t = ctx.saved_tensors
+        da, dt = torch.zeros_like(a), torch.zeros_like(t)
+        for i, d in enumerate(ctx.dims):
+            m = a.shape[d] - 1
+            # (which slice of a, of t) the forward and the backward edge read
+            for g, (ia, it) in zip(grads[2 * i: 2 * i + 2], ((0, 1), (1, 0))):
+                if g is None:
+                    continue
+                g = g[..., None].to(a.dtype)
+                da.narrow(d, ia, m).addcmul_(t.narrow(d, it, m), g)
+                dt.narrow(d, it, m).addcmul_(a.narrow(d, ia, m), g)
+        return (da, dt, *([None] * len(ctx.dims)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The modules: links from tokens.
 
@@ -82,8 +117,9 @@ class _NeighbourScorer(nn.Module):
             return a.to(dtype), t.to(dtype)
         return (t @ self.w_q.t() + self.b_q).to(dtype), (t @ self.w_k.t()).to(dtype)
 
-    def score(self, q: Tensor, k: Tensor) -> Tensor:
-        return (q * k).sum(-1) / self.cfg.sigma
+    def neighbour_scores(self, q: Tensor, k: Tensor, *dims: int) -> tuple[Tensor, ...]:
+        """Per token dim, the scores (s_{i,i+1}, s_{i+1,i}) = (q_i·k_{i+1}, q_{i+1}·k_i) / σ over its edges."""
+        return tuple(s / self.cfg.sigma for s in _NeighbourDots.apply(q, k, *dims))
 
 
 class TreePrior(_NeighbourScorer):
@@ -91,8 +127,7 @@ class TreePrior(_NeighbourScorer):
 
     def forward(self, x: Tensor, prev_links: Tensor | None, key_padding_mask: Tensor | None):
         q, k = self.project(x)  # [B, N, D], with q_u·k_v the neighbour score's numerator
-        right = self.score(q[:, :-1], k[:, 1:])  # s_{i,i+1}, i = 0..N-2
-        left = self.score(q[:, 1:], k[:, :-1])  # s_{i+1,i}
+        right, left = self.neighbour_scores(q, k, 1)  # s_{i,i+1} and s_{i+1,i}, i = 0..N-2
         b, n = x.shape[:2]
         absent = right.new_full((b, 1), _ABSENT)
         # Each token's scores (to the left, to the right); the sequence ends have one neighbour.
@@ -133,10 +168,8 @@ class GroupPrior(_NeighbourScorer):
         h, w = grid or self.grid
         patches = x[:, 1:] if self.has_cls else x
         q, k = self.project(patches.unflatten(1, (h, w)))  # [B, H, W, D]
-        east = self.score(q[:, :, :-1], k[:, :, 1:])  # (r, c) -> (r, c+1)
-        west = self.score(q[:, :, 1:], k[:, :, :-1])  # (r, c+1) -> (r, c)
-        south = self.score(q[:, :-1], k[:, 1:])  # (r, c) -> (r+1, c)
-        north = self.score(q[:, 1:], k[:, :-1])  # (r+1, c) -> (r, c)
+        # (r, c) -> (r+1, c), (r+1, c) -> (r, c), (r, c) -> (r, c+1), (r, c+1) -> (r, c)
+        south, north, east, west = self.neighbour_scores(q, k, 1, 2)
         pad = nn.functional.pad
         # Each patch's scores to its (north, south, west, east) neighbours; a missing one gets _ABSENT.
         scores = torch.stack([

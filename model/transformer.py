@@ -25,7 +25,7 @@ from model.config import Checkpointing
 _checkpoint = functools.partial(checkpoint, use_reentrant=False)
 
 from model.attention import attention
-from model.hier_attention import hier_attention
+from model.hier_attention import hier_attention_packed
 
 
 class MultiheadAttention(nn.Module):
@@ -39,14 +39,15 @@ class MultiheadAttention(nn.Module):
 
     def forward(self, x: Tensor, *, key_padding_mask: Tensor | None, causal: bool, prior=None) -> Tensor:
         b, n, w = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.heads, w // self.heads)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if prior is not None:  # [b, n, heads, d] from the packed projection (model/hier_attention.py says why)
+            o = hier_attention_packed(qkv, prior, causal=causal, dropout_p=dropout_p)
+            return self.out(o.reshape(b, n, w))
         # Split on the qkv axis before moving heads forward: unbind's backward then stacks the three gradients
         # straight into the projection's [b, n, 3w] layout, with no second copy.
-        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, n, 3, self.heads, w // self.heads).unbind(2))
-        dropout_p = self.attn_dropout if self.training else 0.0
-        if prior is None:
-            o = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p)
-        else:
-            o = hier_attention(q, k, v, prior, causal=causal, dropout_p=dropout_p)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        o = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p)
         return self.out(o.transpose(1, 2).reshape(b, n, w))
 
 

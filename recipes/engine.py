@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from model.clip import CLIP
-from recipes import ds_patches
+from recipes import ds_patches, host_memory
 from recipes.config import Config, ConfigError
 from recipes.optim import build_optimizer, group_table
 from recipes.warm_start import load_warm_start
@@ -48,6 +48,7 @@ def init_distributed() -> DistInfo:
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         ds_patches.no_shm_comm()
+        host_memory.keep_freed_memory()  # the CPU's stand-in for CUDA's caching allocator
     local_rank = int(os.environ["LOCAL_RANK"])
     if on_gpu:
         torch.cuda.set_device(local_rank)

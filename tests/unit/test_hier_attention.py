@@ -353,3 +353,28 @@ def test_tiny_clip_with_hier_towers_trains():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("case", ["text_causal_padded", "vision_cls_grid"])
+@pytest.mark.parametrize("mode", ["multiply", "bias"])
+def test_packed_entry_point_matches_the_reference(case, mode):
+    """The block's entry (hier_attention_packed on the [B, N, 3, H, D] projection, as a strided view of a wider
+    tensor) returns [B, N, H, D] and the projection's gradient as the reference over unpacked q, k, v does."""
+    from model.hier_attention import hier_attention_packed
+
+    make, n, lengths, causal = CASES[case]
+    torch.manual_seed(0)
+    module = make(HierConfig(prior_mode=mode, sigma=4.0, attn_impl="sdpa"))
+    x = torch.randn(3, n, 32)
+    _, prior = module(x, None, padding(lengths, n))
+    wide = torch.randn(3, n, 3 * 32 + 5, requires_grad=True)  # the qkv slice has a row stride of 101
+    weights = torch.randn(3, n, 2, 16)
+    got_out = hier_attention_packed(wide[..., :96].view(3, n, 3, 2, 16), prior, causal=causal)
+    (got_out * weights).sum().backward(retain_graph=True)
+    got_grad, wide.grad = wide.grad.clone(), None
+    q, k, v = (t.transpose(1, 2) for t in wide[..., :96].view(3, n, 3, 2, 16).unbind(2))
+    want_out = reference_attention(q, k, v, prior, causal=causal).transpose(1, 2)
+    (want_out * weights).sum().backward()
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, wide.grad, rtol=1e-5, atol=1e-5)
+    assert got_grad[..., 96:].abs().max() == 0  # the columns beside qkv get no gradient
