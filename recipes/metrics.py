@@ -5,8 +5,8 @@ configured model (model/flops.py: matmuls only, 3× forward for a training step)
 is recomputed (gradient caching replays the towers' forward) is not credited. Peaks are dense bf16 tensor-core
 numbers from the vendors' datasheets; `logging.peak_tflops` overrides them. A CPU has no datasheet number that
 means anything for torch's GEMMs, so its peak is measured: the best rate of a large square matmul in the run's
-precision on the threads this process uses, once per machine, thread count, dtype and torch version, cached in
-~/.cache/hiclip (XDG_CACHE_HOME). CPU MFU is then a real fraction: of what this machine's GEMM can reach.
+precision on the threads this process uses, at every start; the best ever seen per machine, thread count, dtype
+and torch version is kept in ~/.cache/hiclip (XDG_CACHE_HOME). CPU MFU is then a real fraction: of what this machine's GEMM can reach.
 """
 from __future__ import annotations
 
@@ -52,28 +52,37 @@ def peak_tflops(device: torch.device, override: float = 0.0, dtype: torch.dtype 
 
 
 def cpu_peak_tflops(dtype: torch.dtype, seconds: float = 0.5) -> tuple[float, str]:
-    """The measured GEMM peak of this CPU (see the module docstring), from the cache when it has one."""
+    """The GEMM peak of this CPU (see the module docstring): measured at every start, and the best ever seen kept.
+
+    A loaded machine can only measure low (other processes, the other ranks calibrating at the same moment), so
+    a single measurement cached for good can be far under the peak and MFU then reads above 1: a cache written
+    while seven jobs shared two cores here held 0.0105 TFLOP/s, against 0.078 measured on the idle machine.
+    The best of all calibrations only moves up, towards the real peak.
+    """
     threads = torch.get_num_threads()
     key = f"{_cpu_name()}|threads={threads}|{dtype}|torch={torch.__version__}"
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "hiclip", "cpu_gemm_peak.json")
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
-        known = {}  # no cache yet, or an unreadable one: measure again
-    tflops = known.get(key) if isinstance(known, dict) else None
-    origin = "cached"
-    if not isinstance(tflops, (int, float)) or tflops <= 0:
-        tflops, origin = measure_gemm_tflops(dtype, seconds), "measured"
-        known = {**(known if isinstance(known, dict) else {}), key: tflops}
+        known = {}  # no cache yet, or an unreadable one
+    known = known if isinstance(known, dict) else {}
+    cached = known.get(key)
+    cached = cached if isinstance(cached, (int, float)) and cached > 0 else 0.0
+    measured = measure_gemm_tflops(dtype, seconds)
+    tflops = max(measured, cached)
+    if tflops > cached:
         try:  # atomic: ranks calibrating at the same time never read half a file
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
+            tmp.write_text(json.dumps({**known, key: tflops}, indent=1))
             os.replace(tmp, cache)
         except OSError:
-            pass  # a read-only home: measure again next time
+            pass  # a read-only home: this run's measurement only
     name = str(dtype).removeprefix("torch.")
-    return tflops, f"{origin} {name} GEMM peak of this CPU on {threads} thread(s) ({cache})"
+    origin = "best measured" if cached else "measured"
+    return tflops, (f"{origin} {name} GEMM peak of this CPU on {threads} thread(s): {measured:.3g} now, "
+                    f"{cached:.3g} before ({cache})")
 
 
 def measure_gemm_tflops(dtype: torch.dtype, seconds: float = 0.5, n: int = GEMM_SIZE) -> float:
