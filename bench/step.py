@@ -15,7 +15,8 @@ all-reduce costs nothing; on GPUs its host sync is the part to watch.
 `pyramid_time_over_flops` is `pyramid_vs_vanilla` over PyramidCLIP's FLOP ratio (`model/flops.py`, printed as
 `pyramid_flop_ratio`): 1.0 when its extra work costs exactly what its extra FLOPs do; `hier_flop_ratio` is the same
 count for HiCLIP. `mfu_<variant>`: model FLOP/s (the same count) over this CPU's fp32 GEMM peak on the bench's
-threads, measured at the end of the run (`recipes.metrics.measure_gemm_tflops`, what the trainer calibrates with). On CPU the process group's set-up keeps freed host memory for reuse (recipes/host_memory.py), for
+threads, measured at the end of the run (`recipes.metrics.measure_gemm_tflops`, what the trainer calibrates
+with). On CPU the process group's set-up keeps freed host memory for reuse (recipes/host_memory.py), for
 every variant here, open_clip's included.
 
 Batch 128 per device by default: CLIP runs train at 128-512 per device. The engine's per-step work that does
@@ -107,7 +108,8 @@ def train_flops(variant: str) -> int:
 def flop_ratios() -> dict[str, float]:
     """HiCLIP's and PyramidCLIP's training FLOPs over CLIP's."""
     clip = train_flops("vanilla_clip")
-    return {"hier": train_flops("hier_clip") / clip, "pyramid": train_flops("vanilla_pyramid") / clip}
+    return {"hier": train_flops("hier_clip") / clip,
+            "pyramid": train_flops("vanilla_pyramid") / clip}
 
 
 def open_clip_step(batch: int, fused_adamw: bool = False):
@@ -185,7 +187,8 @@ def main() -> None:
     flops = flop_ratios()
     result.update({f"{k}_flop_ratio": round(v, 3) for k, v in flops.items()})
     if "pyramid_vs_vanilla" in result:
-        result["pyramid_time_over_flops"] = round(median["vanilla_pyramid"] / median["vanilla_clip"] / flops["pyramid"], 3)
+        time_ratio = median["vanilla_pyramid"] / median["vanilla_clip"]
+        result["pyramid_time_over_flops"] = round(time_ratio / flops["pyramid"], 3)
     if "vanilla_clip_guard" in median and "vanilla_clip" in median:
         # the divergence guard (recipes/guard.py) on vs off: its loss all-reduce, host sync and bookkeeping
         result["guard_overhead"] = round(median["vanilla_clip_guard"] / median["vanilla_clip"] - 1, 4)

@@ -75,8 +75,9 @@ class _MultiplyAttention(torch.autograd.Function):
     place, and each head's output and q, k, v gradients are written by the GEMM straight into their slot of a
     [B, N, H, D] or [B, N, 3, H, D] buffer. Taking the heads apart as [B, H, N, D] instead copies q, k, v into
     that layout, then each of their gradients back (autograd's stack of the three is a strided transpose), ~25%
-    of this function's time. The 1/√d goes onto the scores with the mask in one pass, and onto dQ and dK (smaller than
-    dS when N > D); the score gradient is formed in place in dO Vᵀ's buffer with one fused pass (addcmul).
+    of this function's time. The 1/√d goes onto the scores with the mask in one pass, and onto dQ and dK
+    (smaller than dS when N > D); the score gradient is formed in place in dO Vᵀ's buffer with one fused pass
+    (addcmul).
     (baddbmm would fold the scale into the GEMM, but on CPU it falls back to one addmm per matrix.)
     """
 
@@ -127,7 +128,8 @@ def _log_prior_and_mask(prior: ConstituentPrior, n: int, causal: bool, device) -
     log_c = prior.log_prior()[:, None]
     if allowed is None:
         return log_c, None
-    return log_c.masked_fill(~allowed, float("-inf")), torch.zeros((), device=device).masked_fill(~allowed, float("-inf"))
+    mask = torch.zeros((), device=device).masked_fill(~allowed, float("-inf"))
+    return log_c.masked_fill(~allowed, float("-inf")), mask
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, prior: ConstituentPrior, *, causal: bool,

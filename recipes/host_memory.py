@@ -35,7 +35,8 @@ def keep_freed_memory() -> bool:
     Returns whether it did; False off glibc or when `MALLOC_*_` variables already tune the allocator.
     """
     if _glibc_tuning_in_env():
-        log.debug("host memory: glibc tuning from the environment (%s) left as it is", ", ".join(_glibc_tuning_in_env()))
+        log.debug("host memory: glibc tuning from the environment (%s) left as it is",
+                  ", ".join(_glibc_tuning_in_env()))
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -6,7 +6,8 @@ is recomputed (gradient caching replays the towers' forward) is not credited. Pe
 numbers from the vendors' datasheets; `logging.peak_tflops` overrides them. A CPU has no datasheet number that
 means anything for torch's GEMMs, so its peak is measured: the best rate of a large square matmul in the run's
 precision on the threads this process uses, at every start; the best ever seen per machine, thread count, dtype
-and torch version is kept in ~/.cache/hiclip (XDG_CACHE_HOME). CPU MFU is then a real fraction: of what this machine's GEMM can reach.
+and torch version is kept in ~/.cache/hiclip (XDG_CACHE_HOME). CPU MFU is then a real fraction: of what this
+machine's GEMM can reach.
 """
 from __future__ import annotations
 
