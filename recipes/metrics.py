@@ -88,7 +88,9 @@ def cpu_peak_tflops(dtype: torch.dtype, seconds: float = 0.5) -> tuple[float, st
 
 def measure_gemm_tflops(dtype: torch.dtype, seconds: float = 0.5, n: int = GEMM_SIZE) -> float:
     """Best TFLOP/s of an n×n×n matmul over repeated runs of about `seconds` in all."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    # A private generator: calibrating at start must not move the training RNG (resume is bit-exact).
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen).to(dtype), torch.randn(n, n, generator=gen).to(dtype)
     torch.mm(a, b)  # warm-up: BLAS thread pool, packing buffers
     best, deadline = float("inf"), time.perf_counter() + seconds
     while True:
