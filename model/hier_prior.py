@@ -54,7 +54,7 @@ class _NeighbourDots(torch.autograd.Function):
     Returns, per dim, (a_i·t_{i+1}, a_{i+1}·t_i) over the N-1 edges of that dim. The same as slicing and summing
     products under autograd, but the backward accumulates the four slices' gradients in place (addcmul) into one
     buffer each for a and t, where autograd would materialise every product's gradient, zero-pad each slice's back
-    to full size and add them up: ~40% of a Group prior's elementwise time went there (docs/performance.md).
+    to full size and add them up: the prior's forward + backward took 0.92-0.93x its old time (docs/performance.md).
     """
 
     @staticmethod

@@ -34,9 +34,9 @@ def keep_freed_memory() -> bool:
 
     Returns whether it did; False off glibc or when `MALLOC_*_` variables already tune the allocator.
     """
-    if _glibc_tuning_in_env():
-        log.debug("host memory: glibc tuning from the environment (%s) left as it is",
-                  ", ".join(_glibc_tuning_in_env()))
+    tuning = _glibc_tuning_in_env()
+    if tuning:
+        log.debug("host memory: glibc tuning from the environment (%s) left as it is", ", ".join(tuning))
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -46,7 +46,8 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt takes an int: the largest trim threshold is 2 GiB of free heap top (mallopt(3)'s -1 for "never"
     # had no effect on glibc 2.36 here). A step that frees more at once gives the excess back, and faults it in
-    # again next step; MALLOC_TRIM_THRESHOLD_ in the environment (a size_t) lifts that limit.
+    # again next step; `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>` in the environment (a size_t there) does
+    # the same without that limit.
     ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     if not ok:
         log.warning("host memory: mallopt refused; large CPU tensors will be page-faulted in every step")
