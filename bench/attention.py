@@ -5,8 +5,10 @@ the vision Group prior (CLS + an S×S patch grid) at N = 50, 197, 577 tokens (Vi
 384²), for: vanilla SDPA, the hier reference (materialised C, multiply), and the hier efficient path (SDPA with
 log C from the O(N) tables) in both prior modes. Time is the process's CPU time per step (with one intra-op
 thread it is the work done, whatever else runs on a shared machine), the median over repeats with the variants
-interleaved; peak memory is the largest total of live tensors during one step (torch MemTracker:
-parameters, activations, temporaries, gradients). Last line: one JSON object with the ratios at N = 197.
+interleaved; `hier FLOPs / vanilla` is the matmul FLOP ratio the hier variants cannot go below on a
+GEMM-bound CPU (model/flops.py, with the prior's per-batch d×d fold where the prior takes it); peak memory is
+the largest total of live tensors during one step (torch MemTracker: parameters, activations, temporaries,
+gradients). Last line: one JSON object with the ratios at N = 197, the FLOP floor and time over it included.
 
     python bench/attention.py [--batch 8] [--batch-577 2] [--repeats 7] [--threads 1]
 """
@@ -22,6 +24,7 @@ import time
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from model import flops
 from model.config import HierConfig
 from model.hier_prior import GroupPrior
 from model.transformer import Block
@@ -50,6 +53,14 @@ def make_blocks(grid: int) -> dict[str, Block]:
             block.prior.cfg = HierConfig(prior_mode=variant[0], attn_impl=variant[1])
         blocks[name] = block
     return blocks
+
+
+def flop_ratio(n: int, batch: int) -> float:
+    """Hier block over vanilla block, training FLOPs (model/flops.py): the prior's projection of the patch
+    tokens as the batch makes it, with the per-batch fold W_QᵀW_K that the per-sample count leaves out (a third of
+    the prior's work at N = 197, batch 8). The CPU runs the prior's GEMMs at the rate of the block's own."""
+    vanilla = batch * flops.block(n, WIDTH, MLP_RATIO)
+    return (vanilla + flops.prior_batch(GRIDS[n] ** 2, batch, WIDTH)) / vanilla
 
 
 def step(block: Block, x: torch.Tensor) -> None:
@@ -109,13 +120,18 @@ def main() -> None:
         for name in blocks:
             print(f"{n:>4} {batch:>5} {name:<24} {times[name] * 1e3:>9.1f} {times[name] / times['vanilla_sdpa']:>9.2f} "
                   f"{memory[name] / 2**20:>9.1f} {memory[name] / memory['vanilla_sdpa']:>9.2f}", flush=True)
+        print(f"{n:>4} {batch:>5} {'hier FLOPs / vanilla':<24} {flop_ratio(n, batch):>19.3f}")
 
     summary = {"bench": "attention"}
     if 197 in results:
         times, memory = results[197]
+        multiply = times["hier_efficient_multiply"] / times["vanilla_sdpa"]
         summary.update({
             "n197_bias_vs_vanilla": round(times["hier_efficient_bias"] / times["vanilla_sdpa"], 3),
-            "n197_multiply_vs_vanilla": round(times["hier_efficient_multiply"] / times["vanilla_sdpa"], 3),
+            "n197_multiply_vs_vanilla": round(multiply, 3),
+            # the floor of the two lines above: what the prior's extra FLOPs cost at this batch
+            "n197_flop_ratio": round(flop_ratio(197, args.batch), 3),
+            "n197_multiply_time_over_flops": round(multiply / flop_ratio(197, args.batch), 3),
             "n197_efficient_vs_reference": round(times["hier_efficient_multiply"] / times["hier_reference"], 3),
             "n197_mem_efficient_vs_reference": round(memory["hier_efficient_multiply"] / memory["hier_reference"], 3),
         })

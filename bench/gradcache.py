@@ -15,9 +15,11 @@ then rounds run one step per mode in turn. Before each step the kernel's peak-RS
 every byte the step made resident (activations, logits, gradients, optimizer temporaries), not the model,
 the optimizer state, the batch or the runtime (the largest over rounds). The time is the step's wall clock,
 the best over `--reps` rounds; alternating modes within one process keeps machine-load drift out of the ratio.
-The time ratio of the JSON line (`time_overhead_cached`) comes from separate runs at `--time-sizes` under
-glibc's default malloc settings, i.e. with the trainer's host-memory policy (recipes/host_memory.py): the lowered
-mmap threshold the memory needs makes every tensor fault in afresh, and the cached step allocates more often.
+The time ratio of the JSON line (`time_overhead_cached`, the worst of the timed batches) is the median over
+`--time-reps` rounds of the cached step's time over the plain step's in the same round, from separate runs at
+`--time-sizes` under glibc's default malloc settings, i.e. with the trainer's host-memory policy
+(recipes/host_memory.py): the lowered mmap threshold the memory needs makes every tensor fault in afresh, and
+the cached step allocates more often.
 
 Usage: python bench/gradcache.py [--sizes 256 1024 4096] [--chunk 128] [--threads 1] [--reps 2]
 The last line printed is one JSON object.
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -100,8 +103,8 @@ def _run_size(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> 
             memory[mode] = max(memory[mode], _status_mib("VmHWM") - before)
     lifetime_peak = max(lifetime_peak, _status_mib("VmHWM"))
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
-    return rank, {mode: {"mem_mib": memory[mode], "time_s": min(times[mode]), "params": params,
-                         "process_peak_mib": lifetime_peak} for mode in modes}
+    return rank, {mode: {"mem_mib": memory[mode], "time_s": min(times[mode]), "times_s": times[mode],
+                         "params": params, "process_peak_mib": lifetime_peak} for mode in modes}
 
 
 def _child(n: int, modes: list[str], chunk: int, threads: int, reps: int, ranks: int = 1, timing: bool = False) -> dict:
@@ -129,7 +132,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="rounds of steps; the time is the best round's")
     parser.add_argument("--time-sizes", type=int, nargs="*", default=[1024, 4096],
                         help="global batches timed in a separate run under the trainer's memory policy")
-    parser.add_argument("--time-reps", type=int, default=3)
+    parser.add_argument("--time-reps", type=int, default=7, help="rounds of the timing runs (median ratio)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -160,12 +163,16 @@ def main() -> None:
     print(f"model: {results[large, 'cached']['params'] / 1e6:.1f} M parameters = {model_mib:.0f} MiB of fp32 gradients")
     # Time: plain and cached steps alternating in one process, with freed memory kept as the trainer keeps it
     # (the memory runs above fault every tensor in afresh, which taxes the step with more allocations).
+    # The ratio is the median over rounds of cached / plain within a round: the two steps of a round run back to
+    # back, so a load change on the machine between rounds cancels, and one slow step does not set the result.
     overhead = {}
     for n in args.time_sizes:
         t = _child(n, ["plain", "cached"], args.chunk, args.threads, args.time_reps, timing=True)
-        overhead[n] = t["cached"]["time_s"] / t["plain"]["time_s"]
+        rounds = [c / p for c, p in zip(t["cached"]["times_s"], t["plain"]["times_s"])]
+        overhead[n] = statistics.median(rounds)
         print(f"time at global batch {n}: plain {t['plain']['time_s']:.2f} s, cached {t['cached']['time_s']:.2f} s "
-              f"({overhead[n]:.3f}x; best of {args.time_reps})", flush=True)
+              f"(best of {args.time_reps}); cached / plain by round {' '.join(f'{r:.3f}' for r in rounds)}, "
+              f"median {overhead[n]:.3f}", flush=True)
     mem = {key: r["mem_mib"] for key, r in results.items()}
     print(json.dumps({
         "bench": "gradcache",

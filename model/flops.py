@@ -9,8 +9,9 @@ gradient caching recomputes the towers.
 HiCLIP's extra work (docs/method.md §1): each hier block owns a prior with its own d×d query and key projections over
 the block's tokens. `model.hier_prior` folds them into one token GEMM by associativity (q_u·k_v =
 (t_u W_Qᵀ W_K + b_Q W_K)·t_v), so one [N, d]×[d, d] product counts; the d×d×d product W_QᵀW_K is paid once
-per batch (≤ 3% of the prior at batch ≥ 64 on B/16) and left out, like the O(N) and O(N²) elementwise link
-scores, cumulative costs and C.
+per batch (≤ 3% of the prior at batch ≥ 64 on B/16, a third at batch 8) and left out of the per-sample count
+(`prior_batch` counts a whole batch), like the O(N) and O(N²) elementwise link scores,
+cumulative costs and C.
 PyramidCLIP (docs/method.md §2): two image views and three texts per sample, plus the region branch: R box or detector
 features embedded to width, then the top blocks over 1 + R tokens behind a region CLS, through the shared head.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import ModelConfig
+from model.hier_prior import folds_projection
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,19 @@ def block(tokens: int, width: int, mlp_ratio: float) -> int:
 def prior(tokens: int, width: int) -> int:
     """A HiCLIP prior's scores: W_Q and W_K folded into one d → d projection of the block's tokens."""
     return linear(tokens, width, width)
+
+
+def prior_fold(width: int) -> int:
+    """W_Qᵀ W_K, the d×d×d product behind the folded projection: once per batch and layer, not per sample."""
+    return 2 * width**3
+
+
+def prior_batch(tokens: int, batch: int, width: int) -> int:
+    """A prior's projection of a whole batch as model.hier_prior computes it: with more tokens in the batch than
+    channels, one token GEMM and the fold; otherwise the two token GEMMs, W_Q's and W_K's."""
+    if folds_projection(batch * tokens, width):
+        return batch * prior(tokens, width) + prior_fold(width)
+    return 2 * batch * prior(tokens, width)
 
 
 def vision_tower(cfg: ModelConfig) -> tuple[int, int]:

@@ -87,6 +87,12 @@ class _NeighbourDots(torch.autograd.Function):
 # The modules: links from tokens.
 
 
+def folds_projection(tokens: int, width: int) -> bool:
+    """Whether `project` applies W_Qᵀ W_K (d×d×d, once) rather than W_Q and W_K (two token GEMMs): with more tokens
+    than channels, forward and backward cost 3·T·d² + 3·d³ against 6·T·d² (model/flops.py counts the same)."""
+    return tokens > width
+
+
 class _NeighbourScorer(nn.Module):
     """The prior's own LayerNorm and W_Q, W_K (d_model -> d_model); scores q_u·k_v / σ in fp32 at least.
 
@@ -112,7 +118,7 @@ class _NeighbourScorer(nn.Module):
         """
         t = self.ln(x)
         dtype = torch.promote_types(x.dtype, torch.float32)  # links and tables are never half precision
-        if t[..., 0].numel() > t.shape[-1]:
+        if folds_projection(t[..., 0].numel(), t.shape[-1]):
             a = torch.addmm(self.b_q @ self.w_k, t.flatten(0, -2), self.w_q.t() @ self.w_k).view_as(t)
             return a.to(dtype), t.to(dtype)
         return (t @ self.w_q.t() + self.b_q).to(dtype), (t @ self.w_k.t()).to(dtype)

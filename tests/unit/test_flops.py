@@ -10,8 +10,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.clip import CLIP
-from model.config import PRESETS, ModelConfig
-from model.flops import count_flops
+from model.config import PRESETS, HierConfig, ModelConfig
+from model.flops import count_flops, prior, prior_batch, prior_fold
+from model.hier_prior import GroupPrior
 
 BATCH = 256
 
@@ -65,3 +66,26 @@ def test_prior_and_pyramid_add_work_in_the_expected_places():
     assert hier.forward - base.forward == hier.prior
     assert pyramid.vision == 2 * base.vision and pyramid.text == 3 * base.text and pyramid.regions > 0
     assert base.train == 3 * base.forward
+
+
+def test_a_priors_projection_is_per_sample_work_plus_one_fold_per_batch():
+    """bench/attention.py's FLOP floor: past the fold's threshold b samples cost b × `prior` plus one
+    `prior_fold` (W_QᵀW_K; a third of the prior at ViT-B/16, batch 8), below it both token GEMMs.
+    Counted on GroupPrior.project."""
+    width, grid = 768, 14
+    with torch.device("meta"):
+        module = GroupPrior(width, grid=(grid, grid), has_cls=True, cfg=HierConfig())
+
+    def counted(batch: int) -> int:
+        with torch.device("meta"):
+            patches = torch.zeros(batch, grid, grid, width)
+        with FlopCounterMode(display=False) as counter:
+            module.project(patches)
+        return counter.get_total_flops()
+
+    per_sample = prior(grid * grid, width)
+    assert counted(16) - counted(8) == 8 * per_sample
+    # what is left at batch 8 is the fold (and b_Q W_K, 2d² more)
+    assert counted(8) - 8 * per_sample == pytest.approx(prior_fold(width), rel=0.002)
+    for batch in (1, 3, 8):  # 196 and 588 tokens < 768 channels: unfolded; 1,568: folded
+        assert prior_batch(grid * grid, batch, width) == pytest.approx(counted(batch), rel=0.002), batch
