@@ -170,6 +170,8 @@ def _log_pick(impl: str, reason: str) -> None:
 
 
 def resolve_impl(impl: str, mode: str, q: Tensor, dropout_p: float) -> str:
+    if mode not in MODES:
+        raise ValueError(f"prior_mode must be one of {MODES}, got {mode!r}")
     if impl not in IMPLS:
         raise ValueError(f"attn_impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
@@ -188,8 +190,6 @@ def resolve_impl(impl: str, mode: str, q: Tensor, dropout_p: float) -> str:
 def hier_attention(q: Tensor, k: Tensor, v: Tensor, prior: ConstituentPrior, *, causal: bool,
                    dropout_p: float = 0.0) -> Tensor:
     """HiCLIP attention over [B, H, N, D] tensors with the layer's prior; dispatches on prior.impl."""
-    if prior.mode not in MODES:
-        raise ValueError(f"prior_mode must be one of {MODES}, got {prior.mode!r}")
     impl = resolve_impl(prior.impl, prior.mode, q, dropout_p)
     if impl == "reference":
         return reference_attention(q, k, v, prior, causal=causal, dropout_p=dropout_p)
@@ -205,8 +205,6 @@ def hier_attention(q: Tensor, k: Tensor, v: Tensor, prior: ConstituentPrior, *, 
 def hier_attention_packed(qkv: Tensor, prior: ConstituentPrior, *, causal: bool, dropout_p: float = 0.0) -> Tensor:
     """`hier_attention` on the packed projection qkv [B, N, 3, H, D], returning [B, N, H, D]: the transformer
     block's entry point, so the CPU path reads q, k, v and writes their gradients in place."""
-    if prior.mode not in MODES:
-        raise ValueError(f"prior_mode must be one of {MODES}, got {prior.mode!r}")
     if resolve_impl(prior.impl, prior.mode, qkv, dropout_p) == "sdpa":
         return sdpa_attention_packed(qkv, prior, causal=causal, dropout_p=dropout_p)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
