@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.config import Checkpointing
@@ -56,11 +57,10 @@ class MLP(nn.Module):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.fc = nn.Linear(width, hidden)
-        self.act = nn.GELU()
         self.proj = nn.Linear(hidden, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.act(self.fc(x)))
+        return self.proj(F.gelu(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -70,7 +70,9 @@ class Block(nn.Module):
         self.attn = MultiheadAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio)
-        self.drop = nn.Dropout(dropout)
+        # Dropout and GELU are calls, not submodules: they own no parameters, and whatever hooks every submodule
+        # call (ZeRO-3 gathers parameters that way) would pay its per-call cost for them too.
+        self.dropout = dropout
         self.prior = prior
 
     def forward(self, x: Tensor, links: Tensor | None, *, key_padding_mask: Tensor | None,
@@ -82,8 +84,9 @@ class Block(nn.Module):
             # The prior reads the block's input tokens through its own LayerNorm (Tree Transformer).
             extra = {} if grid is None else {"grid": grid}
             links, prior = self.prior(x, links, key_padding_mask, **extra)
-        x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask=key_padding_mask, causal=causal, prior=prior))
-        x = x + self.drop(self.mlp(self.ln_2(x)))
+        h = self.attn(self.ln_1(x), key_padding_mask=key_padding_mask, causal=causal, prior=prior)
+        x = x + F.dropout(h, self.dropout, self.training)
+        x = x + F.dropout(self.mlp(self.ln_2(x)), self.dropout, self.training)
         return x, links
 
 

@@ -10,6 +10,13 @@ The patches:
 - `fp32_grad_norms`: DeepSpeed's ZeRO optimizers cast every gradient to fp64 before taking its norm, one
   full-size copy of the gradients per step (~4% of a CPU step). Per-tensor norms accumulated in fp32 (what
   torch's clip_grad_norm_ does) are exact enough to clip by; DeepSpeed still combines and all-reduces them.
+- `backward_hooks_where_grad_flows`: ZeRO-3 wraps every submodule's outputs and inputs, on every call, in two
+  autograd Functions whose backward fetches and releases that module's parameters. Around a tensor no gradient
+  will reach (any call under `torch.no_grad()`, or a tensor that does not require grad) that backward never
+  runs, yet each wrap costs a Function call (torch binds its arguments through `inspect.signature`). The gradient
+  cache's first pass is nothing but such calls, one per submodule per chunk: ~45% of ZeRO-3's per-call overhead
+  there (docs/performance.md). The patch leaves those tensors unwrapped; where a gradient can flow, nothing
+  changes.
 - `no_shm_comm`: on CPU, the shared-memory all-reduce op is JIT-compiled (~35 s) at every start; gloo alone is
   enough for our CPU runs.
 - The universal-checkpoint optimizer repair lives with its caller (recipes/universal.py): it calls the
@@ -42,8 +49,9 @@ def check_version() -> bool:
     if version not in _announced:
         _announced.add(version)
         log.warning("DeepSpeed %s is untested here (tested: %s): our patches into it (recipes/ds_patches.py: "
-                    "fp32_grad_norms, no_shm_comm, the universal-checkpoint optimizer repair) check their targets, "
-                    "but rerun tests/unit/test_ds_patches.py and the resume tests before a long run",
+                    "fp32_grad_norms, backward_hooks_where_grad_flows, no_shm_comm, the universal-checkpoint "
+                    "optimizer repair) check their targets, but rerun tests/unit/test_ds_patches.py and the resume "
+                    "tests before a long run",
                     version, ", ".join(TESTED_DEEPSPEED))
     return False
 
@@ -65,6 +73,34 @@ def fp32_grad_norms() -> bool:
 
 def _fp32() -> torch.dtype:
     return torch.float32
+
+
+def backward_hooks_where_grad_flows() -> bool:
+    """Make ZeRO-3 attach its backward-hook Functions only to tensors a gradient can reach. True when applied."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    check_version()
+    # The name rebound, and the two hooks (pre- and post-backward of a submodule) that reach it through it.
+    patch = "backward_hooks_where_grad_flows"
+    if not (_has(parameter_offload, "apply_to_tensors_only", patch)
+            and all(_refers(parameter_offload, f"apply_to_tensors_only(module.{fn}.apply", patch)
+                    for fn in ("pre_bwd_fn", "post_bwd_fn"))):
+        return False
+    parameter_offload.apply_to_tensors_only = _apply_where_grad_flows
+    return True
+
+
+def _apply_where_grad_flows(function, value, warning_msg_fn=None):
+    """DeepSpeed's `apply_to_tensors_only`, skipping tensors whose backward-hook Function could never run."""
+    from deepspeed.runtime.zero.utils import apply_to_tensors_only
+
+    if not torch.is_grad_enabled():
+        return value
+
+    def where_grad_flows(tensor: torch.Tensor):
+        return function(tensor) if tensor.requires_grad else tensor
+
+    return apply_to_tensors_only(where_grad_flows, value, warning_msg_fn)
 
 
 def no_shm_comm() -> bool:

@@ -101,6 +101,7 @@ def build_engine(cfg: Config, ds: dict, warm_start: bool = True):
     import deepspeed
 
     ds_patches.fp32_grad_norms()
+    ds_patches.backward_hooks_where_grad_flows()
     with model_init_context(ds):
         model = CLIP(cfg.model)
     if warm_start and cfg.model.init_from:

@@ -47,6 +47,47 @@ def test_fp32_grad_norms_unused_target_is_loud(monkeypatch, caplog, restore_norm
     assert "no longer contains 'get_norm_dtype()'" in caplog.text
 
 
+@pytest.fixture
+def restore_offload_hooks():
+    from deepspeed.runtime.zero import parameter_offload
+
+    saved = parameter_offload.apply_to_tensors_only
+    yield parameter_offload
+    parameter_offload.apply_to_tensors_only = saved
+
+
+def test_backward_hooks_where_grad_flows_takes_effect(restore_offload_hooks):
+    """ZeRO-3's two hooks reach the name patched; the Function is applied exactly to the tensors that carry grad."""
+    offload = restore_offload_hooks
+    assert ds_patches.backward_hooks_where_grad_flows()
+    wrapped = []
+
+    def marker(t):  # stands in for PreBackwardFunctionForModule.apply
+        wrapped.append(t)
+        return t.view_as(t)
+
+    leaf, const = torch.ones(2, requires_grad=True), torch.ones(3)
+    with torch.no_grad():
+        out = {"a": leaf * 2, "b": [const, leaf + 1]}
+        assert offload.apply_to_tensors_only(marker, out) is out and wrapped == []
+    y = leaf * 2
+    out = offload.apply_to_tensors_only(marker, {"a": y, "b": [const, (y + 1, 7)]})
+    assert [t.shape for t in wrapped] == [(2,), (2,)]  # y and y + 1; not the constant, not the int
+    assert out["b"][0] is const and out["b"][1][1] == 7 and out["a"] is not y
+
+
+def test_backward_hooks_where_grad_flows_is_loud_when_gone(monkeypatch, caplog, restore_offload_hooks):
+    offload = restore_offload_hooks
+    source = ds_patches.inspect.getsource
+    monkeypatch.setattr(ds_patches.inspect, "getsource", lambda m: source(m).replace(
+        "apply_to_tensors_only(module.post_bwd_fn.apply", "wrap(module.post_bwd_fn.apply") if m is offload else source(m))
+    original = offload.apply_to_tensors_only
+    with caplog.at_level(logging.WARNING, logger="hiclip"):
+        assert not ds_patches.backward_hooks_where_grad_flows()
+    assert "patch backward_hooks_where_grad_flows NOT applied" in caplog.text
+    assert offload.apply_to_tensors_only is original  # nothing half-applied
+
+
 def test_no_shm_comm_takes_effect_and_is_loud_when_gone(monkeypatch, caplog):
     ops = deepspeed.ops.__compatible_ops__
     monkeypatch.setitem(ops, "deepspeed_shm_comm", True)
