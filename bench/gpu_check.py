@@ -325,8 +325,6 @@ def section_zero3_train(tiny: bool, run_training: bool) -> dict:
         if torch.cuda.is_available():
             peak = torch.cuda.max_memory_allocated() / 2**30
             out.update(peak_allocated_gib=peak, peak_over_model_states=peak / max(plan.zero3_gb, 1e-9))
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
         return out
 
 

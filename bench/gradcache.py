@@ -19,7 +19,8 @@ The time ratio of the JSON line (`time_overhead_cached`, the worst of the timed 
 `--time-reps` rounds of the cached step's time over the plain step's in the same round, from separate runs at
 `--time-sizes` under glibc's default malloc settings, i.e. with the trainer's host-memory policy
 (recipes/host_memory.py): the lowered mmap threshold the memory needs makes every tensor fault in afresh, and
-the cached step allocates more often.
+the cached step allocates more often. The timing runs also measure the engine's fixed cost of one no-grad forward
+call (on 2 samples, against the same module without DeepSpeed): the cache pays it once per chunk.
 
 Usage: python bench/gradcache.py [--sizes 256 1024 4096] [--chunk 128] [--threads 1] [--reps 2]
 The last line printed is one JSON object.
@@ -63,14 +64,15 @@ def _batch(n: int, cfg, gen) -> dict:
     return {"image": torch.randn(n, 3, size, size, generator=gen), "text": text}
 
 
-def _run_size(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> dict:
+def _run_size(n: int, modes: list[str], chunk: int, threads: int, reps: int, overhead: bool = False) -> dict:
     """In the child process: one engine, every mode warmed up at the chunk size, then `reps` rounds that run
     one step per mode at batch n in turn (rounds alternate, so a load change on the machine hits all modes).
-    Also returns the process's lifetime peak RSS: with one mode, what a rank needs for that training mode."""
+    Also returns the process's lifetime peak RSS: with one mode, what a rank needs for that training mode, and
+    with `overhead` the engine's fixed cost per forward call (`_call_overhead_ms`)."""
     import torch
 
     from recipes.config import load_config
-    from recipes.engine import build_engine, deepspeed_config, init_distributed
+    from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed
     from recipes.grad_cache import GradCacheConfig
     from recipes.step import train_step
 
@@ -103,8 +105,33 @@ def _run_size(n: int, modes: list[str], chunk: int, threads: int, reps: int) -> 
             memory[mode] = max(memory[mode], _status_mib("VmHWM") - before)
     lifetime_peak = max(lifetime_peak, _status_mib("VmHWM"))
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
-    return rank, {mode: {"mem_mib": memory[mode], "time_s": min(times[mode]), "times_s": times[mode],
-                         "params": params, "process_peak_mib": lifetime_peak} for mode in modes}
+    result = {mode: {"mem_mib": memory[mode], "time_s": min(times[mode]), "times_s": times[mode],
+                     "params": params, "process_peak_mib": lifetime_peak} for mode in modes}
+    if overhead:
+        result["call_overhead_ms"] = _call_overhead_ms(engine, cfg, gen)
+    leave_distributed()
+    return rank, result
+
+
+def _call_overhead_ms(engine, cfg, gen, calls: int = 40, rounds: int = 7) -> float:
+    """What one no-grad forward costs through the ZeRO-3 engine over the same module without DeepSpeed, on 2
+    samples (so the compute is small and the fixed per-call cost shows): the gradient cache pays it once per
+    chunk and per pass. Median over rounds of the difference, the two timed back to back in each round."""
+    import torch
+
+    from model.clip import CLIP
+
+    bare, batch = CLIP(cfg.model), _batch(2, cfg, gen)
+
+    def per_call(model) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(calls):
+                model(batch)
+        return (time.perf_counter() - start) / calls * 1e3
+
+    per_call(engine), per_call(bare)
+    return statistics.median(per_call(engine) - per_call(bare) for _ in range(rounds))
 
 
 def _child(n: int, modes: list[str], chunk: int, threads: int, reps: int, ranks: int = 1, timing: bool = False) -> dict:
@@ -117,7 +144,7 @@ def _child(n: int, modes: list[str], chunk: int, threads: int, reps: int, ranks:
                 "PYTHONPATH": str(REPO_ROOT), **({} if timing else {"MALLOC_MMAP_THRESHOLD_": "65536"})})
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", _free_port()]
     cmd = [sys.executable, *(launcher if ranks > 1 else []), __file__, "--child", str(n), ",".join(modes),
-           "--chunk", str(chunk), "--threads", str(threads), "--reps", str(reps)]
+           "--chunk", str(chunk), "--threads", str(threads), "--reps", str(reps), *(["--overhead"] if timing else [])]
     out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"batch {n} failed:\n{out.stderr[-4000:]}")
@@ -134,10 +161,11 @@ def main() -> None:
                         help="global batches timed in a separate run under the trainer's memory policy")
     parser.add_argument("--time-reps", type=int, default=7, help="rounds of the timing runs (median ratio)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--overhead", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         modes = args.child[1].split(",")
-        rank, result = _run_size(int(args.child[0]), modes, args.chunk, args.threads, args.reps)
+        rank, result = _run_size(int(args.child[0]), modes, args.chunk, args.threads, args.reps, args.overhead)
         if rank == 0:
             print(json.dumps(result))
         return
@@ -165,14 +193,16 @@ def main() -> None:
     # (the memory runs above fault every tensor in afresh, which taxes the step with more allocations).
     # The ratio is the median over rounds of cached / plain within a round: the two steps of a round run back to
     # back, so a load change on the machine between rounds cancels, and one slow step does not set the result.
-    overhead = {}
+    overhead, call_ms = {}, []
     for n in args.time_sizes:
         t = _child(n, ["plain", "cached"], args.chunk, args.threads, args.time_reps, timing=True)
         rounds = [c / p for c, p in zip(t["cached"]["times_s"], t["plain"]["times_s"])]
         overhead[n] = statistics.median(rounds)
+        call_ms.append(t["call_overhead_ms"])
         print(f"time at global batch {n}: plain {t['plain']['time_s']:.2f} s, cached {t['cached']['time_s']:.2f} s "
               f"(best of {args.time_reps}); cached / plain by round {' '.join(f'{r:.3f}' for r in rounds)}, "
-              f"median {overhead[n]:.3f}", flush=True)
+              f"median {overhead[n]:.3f}; ZeRO-3's fixed cost per no-grad forward call {call_ms[-1]:.1f} ms",
+              flush=True)
     mem = {key: r["mem_mib"] for key, r in results.items()}
     print(json.dumps({
         "bench": "gradcache",
@@ -185,6 +215,8 @@ def main() -> None:
         f"mem_{large}_plain_mib": round(mem[large, "plain"], 1),
         "coalesce_extra_mib": round(peak["cached"] - peak["cached-boundary"], 1),
         "model_grad_mib": round(model_mib, 1),
+        # the engine's fixed cost of one no-grad forward call (2 samples, engine − bare module), median of the runs
+        "call_overhead_ms": round(statistics.median(call_ms), 2) if call_ms else None,
         "chunk": args.chunk,
     }))
 

@@ -57,6 +57,17 @@ def init_distributed() -> DistInfo:
     return DistInfo(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size(), device)
 
 
+def leave_distributed() -> None:
+    """Leave the process group: at the end of a run that reached it on every rank, after the last collective.
+
+    Left to interpreter exit, gloo's worker threads can be torn down mid-finalisation and abort the process
+    (SIGABRT, "terminate called without an active exception": pytorch/pytorch#190489), which a launcher reads as a
+    failed run. Not on an error's way out: a rank still inside a collective would leave the others waiting in it.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _free_port() -> str:
     import socket
 

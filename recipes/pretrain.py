@@ -20,7 +20,7 @@ from data_pipeline.tokenizer import Tokenizer
 from model.flops import count_flops
 from recipes import checkpointing, preemption, universal
 from recipes.config import Config, load_config, to_dict
-from recipes.engine import build_engine, deepspeed_config, init_distributed
+from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed
 from recipes.evaluate import check_eval_sets, evaluate_live
 from recipes.finite import DIVERGED_EXIT_CODE, Diverged
 from recipes.guard import Guard
@@ -141,6 +141,7 @@ def train(cfg: Config) -> int:
                 checkpointing.save(engine, cfg.checkpoint.dir, step,
                                    {"data": loader.state_dict(), "config": to_dict(cfg), "guard": guard.state_dict()},
                                    cfg.checkpoint.keep_last)
+    leave_distributed()  # every rank is here, after the same step and checkpoint
     if stop:
         raise preemption.Preempted(step)
     return step

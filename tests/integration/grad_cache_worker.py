@@ -21,7 +21,7 @@ from deepspeed.utils import safe_get_full_grad
 from model.losses import LossConfig, compute_loss
 from recipes import grad_cache
 from recipes.config import load_config
-from recipes.engine import build_engine, deepspeed_config, init_distributed
+from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed
 from recipes.grad_cache import GradCacheConfig, cached_backward, split_batch
 from recipes.step import split_levels
 from tests.unit.test_pyramid_model import pyramid_batch, small_config
@@ -133,6 +133,7 @@ def run_cases(run_case, out_file: str, cases_json: str) -> None:
         with open(out_file, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
     dist.barrier()
+    leave_distributed()
 
 
 def main(out_file: str, cases_json: str) -> None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from recipes import checkpointing, finite, guard
 from recipes.config import load_config, to_dict
-from recipes.engine import build_engine, deepspeed_config, init_distributed
+from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed
 from recipes.step import train_step
 from tests.unit.test_pyramid_model import pyramid_batch, small_config
 
@@ -116,6 +116,7 @@ def main(out_file: str) -> None:
     if info.rank == 0:
         Path(out_file).write_text(json.dumps(gathered))
     dist.barrier()
+    leave_distributed()
 
 
 if __name__ == "__main__":

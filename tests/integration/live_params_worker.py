@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from recipes import checkpointing
 from recipes.config import load_config, to_dict
-from recipes.engine import build_engine, deepspeed_config, init_distributed
+from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed
 from recipes.step import train_step
 
 
@@ -34,6 +34,7 @@ def main(out_dir: str, ds_config: str, attention: str) -> None:
     if info.rank == 0:
         torch.save(live, f"{out_dir}/live.pt")
     dist.barrier()
+    leave_distributed()
 
 
 if __name__ == "__main__":

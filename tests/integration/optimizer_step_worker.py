@@ -20,7 +20,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from model.clip import CLIP
 from model.losses import compute_loss
 from recipes.config import load_config
-from recipes.engine import build_engine, deepspeed_config, init_distributed, zero_stage
+from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed, zero_stage
 from recipes.optim import cosine_with_warmup, param_groups
 from recipes.step import split_levels, train_step
 from tests.unit.test_pyramid_model import pyramid_batch, small_config
@@ -94,6 +94,7 @@ def main(out_file: str, ds_name: str) -> None:
         with open(out_file, "w") as f:
             json.dump(result, f)
     dist.barrier()
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def worker(argv: list[str]) -> None:
 
     from recipes import checkpointing, universal
     from recipes.config import load_config, to_dict
-    from recipes.engine import build_engine, deepspeed_config, init_distributed
+    from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed
     from recipes.step import reduce_metrics, train_step
 
     p = argparse.ArgumentParser()
@@ -106,6 +106,7 @@ def worker(argv: list[str]) -> None:
         with open(args.out, "w") as f:
             json.dump(losses, f)
     dist.barrier()
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 import recipes.engine as engine_module
 from model.interop import Source, plan_warm_start
 from recipes.config import load_config
-from recipes.engine import build_engine, deepspeed_config, init_distributed, zero_stage
+from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed, zero_stage
 from recipes.step import train_step
 
 BATCH = 4
@@ -157,6 +157,7 @@ def main(out_json: str, ds_config: str, source: str, steps: int, overrides: list
         with open(out_json, "w") as f:
             json.dump(result, f)
     dist.barrier()
+    leave_distributed()
 
 
 if __name__ == "__main__":
