@@ -62,8 +62,8 @@ def leave_distributed() -> None:
 
     Left to interpreter exit, gloo's worker threads can be torn down mid-finalisation and abort the process
     (SIGABRT, "terminate called without an active exception": pytorch/pytorch#190489), which a launcher reads as a
-    failed run. Not on an error's way out: a rank still inside a collective would leave the others waiting in it.
-    """
+    failed run. Not on an error's way out: tearing a group down while another rank is still inside a collective
+    can hang (NCCL)."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
