@@ -130,7 +130,7 @@ def _call_overhead_ms(engine, cfg, gen, calls: int = 40, rounds: int = 7) -> flo
                 model(batch)
         return (time.perf_counter() - start) / calls * 1e3
 
-    per_call(engine), per_call(bare)
+    per_call(engine), per_call(bare)  # warm-up
     return statistics.median(per_call(engine) - per_call(bare) for _ in range(rounds))
 
 

@@ -161,7 +161,7 @@ def worker(stage: int) -> None:
     from model.clip import CLIP
     from model.losses import compute_loss
     from recipes.dry_run import GIB, count_params, model_state_gib
-    from recipes.engine import build_engine, deepspeed_config, init_distributed
+    from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed
     from recipes.step import split_levels, train_step
 
     torch.set_num_threads(1)
@@ -193,6 +193,7 @@ def worker(stage: int) -> None:
                           "largest_layer": largest, "estimate": int(estimate),
                           "unsharded": unsharded_bytes(engine.module, stage, ds),
                           "gathered_forward": forward_gathers, "gathered_backward": backward_gathers}))
+    leave_distributed()
 
 
 def cached_gathers_worker(steps: int = 3) -> None:
@@ -202,7 +203,7 @@ def cached_gathers_worker(steps: int = 3) -> None:
     import torch
 
     from model.losses import compute_loss
-    from recipes.engine import build_engine, deepspeed_config, init_distributed
+    from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed
     from recipes.grad_cache import GradCacheConfig, cached_backward
     from recipes.step import split_levels
 
@@ -224,6 +225,7 @@ def cached_gathers_worker(steps: int = 3) -> None:
     if info.is_main:
         print(json.dumps({"world": info.world_size, "params": sum(p.ds_numel for p in engine.module.parameters()),
                           "gathered_cached_step": counted}))
+    leave_distributed()
 
 
 @contextmanager
