@@ -22,7 +22,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,6 +62,8 @@ class Inputs:
     prefetch_bucket: int = 50_000_000  # ds_configs/zero3.json stage3_prefetch_bucket_size (elements)
     allgather_bucket: int = 50_000_000  # ds_configs/zero2.json allgather_bucket_size (elements)
     persistence_threshold: int = 100_000  # ds_configs/zero3.json stage3_param_persistence_threshold
+    max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters: DeepSpeed's default, zero3.json keeps it
+    grad_cache_gather: str = "auto"  # grad_cache.gather: auto | step | pass (recipes/grad_cache.py)
 
 
 # --------------------------------------------------------------------------- the model's own numbers
@@ -157,10 +159,17 @@ def step_model(inputs: Inputs, m: ModelNumbers, world: int, fabric: Fabric) -> d
 
     # ZeRO-3 as ds_configs/zero3.json runs it (bench/zero_memory.py counts the gathers). Without the cache the
     # module trace is stable and stage3_max_reuse_distance (1e9 elements) exceeds the model: one forward gathers
-    # everything in ⌈P / prefetch bucket⌉ calls and the backward gathers nothing. With the cache the no-grad
-    # forwards break the trace: each module's parameters are released after use and gathered again, in a no-grad
-    # forward, a replayed forward and a backward per chunk, at most one call per module.
-    if cached:
+    # everything in ⌈P / prefetch bucket⌉ calls and the backward gathers nothing. With the cache and
+    # `grad_cache.gather: step` (what auto picks when the model fits stage3_max_live_parameters) one coalesced call
+    # gathers the model before the first pass, with nothing to hide behind (recipes/zero3_gather.py). With
+    # `gather: pass` DeepSpeed's own hooks run: the no-grad forwards break the trace, each module's parameters are
+    # released after use and gathered again, in a no-grad forward, a replayed forward and a backward per chunk, at
+    # most one call per module.
+    once = inputs.grad_cache_gather == "step" or (inputs.grad_cache_gather == "auto"
+                                                  and m.params_gathered <= inputs.max_live_parameters)
+    if cached and once:
+        passes, calls_per_pass = 1, 1
+    elif cached:
         passes, calls_per_pass = 3 * chunks, m.gather_modules
     else:
         passes, calls_per_pass = 1, math.ceil(m.params_gathered / inputs.prefetch_bucket)
@@ -276,6 +285,18 @@ def tables(inputs: Inputs, m: ModelNumbers) -> tuple[str, dict]:
     add("")
     add("(times in ms per step; bw = bandwidth term, lat = latency term; step = max(compute, overlapped comm) + "
         "exposed comm)")
+    # What the cached rows would cost with DeepSpeed's per-module gathers in every pass (`grad_cache.gather: pass`).
+    per_pass = replace(inputs, grad_cache_gather="pass")
+    add("")
+    add("With `grad_cache.gather: pass` instead (ZeRO-3's own per-module gathers in every pass), the cached rows:")
+    for fabric, key in zip(inputs.fabrics, ("ib8", "ib1")):
+        for world in inputs.worlds:
+            r = step_model(per_pass, m, world, fabric)
+            if r["cached"]:
+                add(f"- {fabric.name}, {world} GPUs: {r['passes']} × {r['calls_per_pass']}, ZeRO-3 comm "
+                    f"{ms(r['z3_bw_s'])} + {ms(r['z3_lat_s'])}, comm/compute {r['z3_comm_over_compute']:.2f}, "
+                    f"step {ms(r['z3_step_s'])} (efficiency {r['compute_s'] / r['z3_step_s']:.2f})")
+                summary[f"{key}_z3_gather_pass_efficiency_{world}"] = round(r["compute_s"] / r["z3_step_s"], 3)
     return "\n".join(lines), summary
 
 

@@ -21,8 +21,9 @@ the bytes its tensors cover; the rest of that storage is `buffers` (under ZeRO-2
 lives inside the reduction bucket). "model states" = params + grads + master + optimizer.
 
 Under ZeRO-3 it also counts the engine's parameter all-gathers (calls, bytes) in step 2's forward and backward,
-and, on a fresh engine trained with the gradient cache from its first step (recipes/grad_cache.py, 2 chunks),
-in its third step: docs/scaling.md uses both patterns.
+and, on a fresh engine trained with the gradient cache from its first step (recipes/grad_cache.py, 2 chunks,
+`grad_cache.gather: auto`, which gathers the model once for the step's passes), in its third step:
+docs/scaling.md uses both patterns.
 
 Against: DeepSpeed's estimator (`estimate_zero{2,3}_model_states_mem_needs`, the numbers its `_all_live` /
 `_all_cold` printers show, via recipes/dry_run.py; no offload, its per-GPU column) and the ideal: the
@@ -199,7 +200,7 @@ def worker(stage: int) -> None:
 def cached_gathers_worker(steps: int = 3) -> None:
     """ZeRO-3 with the gradient cache on from the first step, as a run with `grad_cache.chunk_size` > 0 trains:
     rank 0 prints the parameter all-gathers of the last of `steps` cached steps (2 chunks of 1 sample each).
-    The first cached step records DeepSpeed's module trace and gathers more; later ones repeat one pattern."""
+    Later steps repeat one pattern (with `grad_cache.gather: pass`, the first one also records DeepSpeed's trace)."""
     import torch
 
     from model.losses import compute_loss

@@ -50,8 +50,9 @@ def check_version() -> bool:
         _announced.add(version)
         log.warning("DeepSpeed %s is untested here (tested: %s): our patches into it (recipes/ds_patches.py: "
                     "fp32_grad_norms, backward_hooks_where_grad_flows, no_shm_comm, the universal-checkpoint "
-                    "optimizer repair) check their targets, but rerun tests/unit/test_ds_patches.py and the resume "
-                    "tests before a long run",
+                    "optimizer repair) and the gradient cache's ZeRO-3 gather (recipes/zero3_gather.py) check their "
+                    "targets, but rerun tests/unit/test_ds_patches.py, tests/integration/test_grad_cache.py and the "
+                    "resume tests before a long run",
                     version, ", ".join(TESTED_DEEPSPEED))
     return False
 

@@ -16,6 +16,7 @@ import torch
 from model.clip import CLIP
 from recipes import ds_patches, host_memory
 from recipes.config import Config, ConfigError
+from recipes.grad_cache import check_gather
 from recipes.optim import build_optimizer, group_table
 from recipes.warm_start import load_warm_start
 
@@ -122,4 +123,8 @@ def build_engine(cfg: Config, ds: dict, warm_start: bool = True):
     if int(os.environ.get("RANK", "0")) == 0:
         log.info("parameter groups:\n%s", group_table(model, optimizer.param_groups))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds)
+    if cfg.grad_cache.chunk_size:
+        blocker = check_gather(engine, cfg.grad_cache.gather)
+        if blocker is not None:
+            log.info("grad_cache.gather=auto: ZeRO-3 gathers parameters per pass, as %s", blocker)
     return engine

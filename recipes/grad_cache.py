@@ -14,6 +14,11 @@ reduction (ZeRO-2 reduce / ZeRO-3 reduce-scatter) when the block exits, not one 
 costs one unpartitioned fp32 gradient of the whole model per rank until the exit (docs/performance.md);
 `reduction: boundary` trades it for one reduction per chunk.
 
+Under ZeRO-3 the parameters are gathered once for all of a step's passes (`gather: step`, recipes/zero3_gather.py)
+rather than re-gathered module by module in each of the 3 passes per chunk (`gather: pass`, DeepSpeed's own
+hooks); `auto` takes `step` unless the config keeps the model from staying whole on a rank (offloaded parameters, or
+more of them than `stage3_max_live_parameters`).
+
 Every rank runs the same number of chunks (the per-rank batch is fixed) and every chunk runs the whole
 model and backs through every embedding it returned, with zero gradients for levels the loss does not use:
 ZeRO-3 needs identical module calls on all ranks, and a stable prefetch trace needs every chunk alike.
@@ -29,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from model.config_tree import require
+from recipes.zero3_gather import gather_once_blocker, gathered_for_step, is_zero3
 
 LossFn = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
 
@@ -40,6 +46,8 @@ PER_BATCH_OUTPUTS = ("logit_scale",)
 class GradCacheConfig:
     chunk_size: int = 0  # samples per chunk on each rank; 0 turns the cache off
     reduction: Literal["coalesce", "boundary"] = "coalesce"  # coalesce: one reduction per step | boundary: per chunk
+    # ZeRO-3 only. step: all parameters gathered once per step | pass: per module, in every pass | auto: step if allowed
+    gather: Literal["auto", "step", "pass"] = "auto"
 
     def __post_init__(self) -> None:
         require(self.chunk_size >= 0, "chunk_size", self.chunk_size, "≥ 0 (0 turns the cache off)")
@@ -72,7 +80,12 @@ def cached_backward(engine, batch: dict, loss_fn: LossFn, cfg: GradCacheConfig,
     backward. Returns (detached loss, metrics).
     """
     chunks = split_batch(batch, cfg.chunk_size)
+    with _gather_scope(engine, cfg.gather):
+        return _cached_passes(engine, chunks, loss_fn, cfg, admit)
 
+
+def _cached_passes(engine, chunks: list[dict], loss_fn: LossFn, cfg: GradCacheConfig,
+                   admit: Callable[[Tensor], bool] | None) -> tuple[Tensor, dict]:
     # 1. Embeddings of every chunk, no activations kept.
     rng_states, outputs = [], []
     with torch.no_grad():
@@ -112,6 +125,23 @@ def cached_backward(engine, batch: dict, loss_fn: LossFn, cfg: GradCacheConfig,
             engine.backward(surrogate)
             start += size
     return loss.detach(), metrics
+
+
+def check_gather(engine, gather: str) -> str | None:
+    """Under ZeRO-3, why `gather: step` cannot hold for this engine (None when it can); ValueError when the config
+    asks for `step` regardless. Checked when the engine is built (recipes/engine.py: a bad config fails there,
+    not at step 1) and at every cached step."""
+    if not is_zero3(engine) or gather == "pass":
+        return None
+    blocker = gather_once_blocker(engine)
+    if blocker is not None and gather == "step":
+        raise ValueError(f"grad_cache.gather=step: {blocker}; set grad_cache.gather to auto or pass")
+    return blocker
+
+
+def _gather_scope(engine, gather: str):
+    once = is_zero3(engine) and gather != "pass" and check_gather(engine, gather) is None
+    return gathered_for_step(engine) if once else nullcontext()
 
 
 def _single_reduction(engine, reduction: str):

@@ -6,7 +6,8 @@ case to OUT_FILE.
 
 A case: {"name", "stage": 2|3, "loss": clip|pyramid, "attention": vanilla|hier, "region_source", "dropout", "reduction",
 "missing_on_rank1": bool (rank 1's samples have no regions and no summaries), "replay_rng": bool, optional
-"patch_dropout"}.
+"patch_dropout" and "gather" (grad_cache.gather)}. Also counted: the parameter all-gathers of the cached step, and
+whether every module's hooks are the same after it as before.
 """
 import json
 import sys
@@ -24,6 +25,7 @@ from recipes.config import load_config
 from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed
 from recipes.grad_cache import GradCacheConfig, cached_backward, split_batch
 from recipes.step import split_levels
+from bench.zero_memory import counting_gathers
 from tests.unit.test_pyramid_model import pyramid_batch, small_config
 
 BATCH, CHUNK = 6, 4  # per rank: two chunks of unequal size
@@ -87,6 +89,12 @@ def reference_backward(engine, batch: dict, loss_fn, full_batch: bool) -> torch.
     return loss.detach()
 
 
+def module_hooks(engine) -> list:
+    """Every module's forward pre-hooks and forward hooks (ZeRO-3 registers all of its module hooks there)."""
+    return [(name, list(m._forward_pre_hooks.items()), list(m._forward_hooks.items()))
+            for name, m in engine.module.named_modules()]
+
+
 def run_case(case: dict, info) -> dict:
     engine = build(case, info)
     loss_cfg = LossConfig(kind=case["loss"])
@@ -106,8 +114,11 @@ def run_case(case: dict, info) -> dict:
     torch.manual_seed(100 + info.rank)
     # The negative control: without the RNG replay the chunks' dropout masks differ between the two passes.
     no_replay = mock.patch.object(grad_cache, "_set_rng_state", lambda state: None)
-    with nullcontext() if case["replay_rng"] else no_replay, count_reductions(reductions):
-        loss, metrics = cached_backward(engine, batch, loss_fn, GradCacheConfig(CHUNK, case["reduction"]))
+    hooks_before = module_hooks(engine)
+    cfg = GradCacheConfig(CHUNK, case["reduction"], case.get("gather", "auto"))
+    with nullcontext() if case["replay_rng"] else no_replay, count_reductions(reductions), counting_gathers() as gathers:
+        loss, metrics = cached_backward(engine, batch, loss_fn, cfg)
+    hooks_restored = module_hooks(engine) == hooks_before
     got = full_grads(engine)
     engine.step()
 
@@ -117,6 +128,7 @@ def run_case(case: dict, info) -> dict:
         **case, "max_rel_err": rel[worst], "worst_param": worst,
         "loss_diff": abs(loss.item() - ref_loss.item()),
         "reductions": reductions[0], "reductions_plain": ref_reductions[0],
+        "gathers": gathers["calls"], "hooks_restored": hooks_restored,
         "grad_norm": torch.stack([g.norm() for g in ref.values()]).norm().item(),
         "region_grad_norm": sum(g.norm().item() for n, g in ref.items() if n.startswith("visual.regions.")),
         "logit_scale_grad": ref["logit_scale"].item(),

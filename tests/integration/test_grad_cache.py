@@ -30,6 +30,8 @@ CASES = {
         # Each replayed chunk draws the same kept rows and columns as its first pass (the RNG replay covers it).
         dict(BASE, name="hier-zero3-patch-dropout", stage=3, loss="pyramid", attention="hier", patch_dropout=0.5),
         dict(BASE, name="boundary-reduction", stage=3, loss="pyramid", reduction="boundary"),
+        # DeepSpeed's own per-module gathers in every pass (what `auto` falls back to when the model may not stay whole).
+        dict(BASE, name="gather-per-pass", stage=3, loss="pyramid", attention="hier", gather="pass"),
         # Regions from precomputed detector features (a linear embedding) instead of ROI-align over the tower.
         dict(BASE, name="detector-features-zero3", stage=3, loss="pyramid", region_source="features"),
         # Negative control: the comparison can fail. Without RNG replay the dropout masks change between passes.
@@ -57,6 +59,13 @@ def test_cached_gradients_equal_full_batch(tmp_path, world):
         # One gradient reduction per optimizer step, as many as the plain step, not one per chunk.
         expected = r["reductions_plain"] * (CHUNKS_PER_STEP if r["reduction"] == "boundary" else 1)
         assert r["reductions"] == expected, name
+        assert r["hooks_restored"], f"{name}: a module's hooks differ after the cached step"
+        if world == 2 and r["stage"] == 3:
+            # ZeRO-3: the whole model in one all-gather per step, or (gather: pass) in every one of 3 passes per chunk.
+            if r.get("gather") == "pass":
+                assert r["gathers"] >= 3 * CHUNKS_PER_STEP, name
+            else:
+                assert r["gathers"] == 1, f"{name}: {r['gathers']} parameter all-gathers in one cached step"
 
     if world == 2:
         # 6 samples per rank, one of them without regions or a summary; rank 1 contributes none in the "lacks" case.
