@@ -6,12 +6,12 @@ case to OUT_FILE.
 
 A case: {"name", "stage": 2|3, "loss": clip|pyramid, "attention": vanilla|hier, "region_source", "dropout", "reduction",
 "missing_on_rank1": bool (rank 1's samples have no regions and no summaries), "replay_rng": bool, optional
-"patch_dropout" and "gather" (grad_cache.gather)}. Also counted: the parameter all-gathers of the cached step, and
+"patch_dropout", "gather" (grad_cache.gather) and "fail_first" (a cached step whose loss raises runs first)}. Also counted: the parameter all-gathers of the cached step, and
 whether every module's hooks are the same after it as before.
 """
 import json
 import sys
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from unittest import mock
 
 import deepspeed
@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
+from bench.zero_memory import counting_gathers
 from model.losses import LossConfig, compute_loss
 from recipes import grad_cache
 from recipes.config import load_config
 from recipes.engine import build_engine, deepspeed_config, init_distributed, leave_distributed
 from recipes.grad_cache import GradCacheConfig, cached_backward, split_batch
 from recipes.step import split_levels
-from bench.zero_memory import counting_gathers
 from tests.unit.test_pyramid_model import pyramid_batch, small_config
 
 BATCH, CHUNK = 6, 4  # per rank: two chunks of unequal size
@@ -95,6 +95,22 @@ def module_hooks(engine) -> list:
             for name, m in engine.module.named_modules()]
 
 
+class Planted(RuntimeError):
+    pass
+
+
+def planted_failure(out):
+    raise Planted("a loss that fails after the no-grad passes")
+
+
+def all_partitioned(engine) -> bool:
+    """Under ZeRO-3, no parameter left gathered (the worker partitions every one: persistence threshold 0)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return all(getattr(p, "ds_status", ZeroParamStatus.NOT_AVAILABLE) == ZeroParamStatus.NOT_AVAILABLE
+               for p in engine.module.parameters())
+
+
 def run_case(case: dict, info) -> dict:
     engine = build(case, info)
     loss_cfg = LossConfig(kind=case["loss"])
@@ -111,11 +127,17 @@ def run_case(case: dict, info) -> dict:
     ref = full_grads(engine)
     engine.step()
 
+    hooks_before = module_hooks(engine)
+    cfg = GradCacheConfig(CHUNK, case["reduction"], case.get("gather", "auto"))
+    recovered = None
+    if case.get("fail_first"):  # a step that dies between its passes leaves the engine as it found it
+        with suppress(Planted):
+            cached_backward(engine, batch, planted_failure, cfg)
+        recovered = module_hooks(engine) == hooks_before and all_partitioned(engine)
+
     torch.manual_seed(100 + info.rank)
     # The negative control: without the RNG replay the chunks' dropout masks differ between the two passes.
     no_replay = mock.patch.object(grad_cache, "_set_rng_state", lambda state: None)
-    hooks_before = module_hooks(engine)
-    cfg = GradCacheConfig(CHUNK, case["reduction"], case.get("gather", "auto"))
     with nullcontext() if case["replay_rng"] else no_replay, count_reductions(reductions), counting_gathers() as gathers:
         loss, metrics = cached_backward(engine, batch, loss_fn, cfg)
     hooks_restored = module_hooks(engine) == hooks_before
@@ -128,7 +150,7 @@ def run_case(case: dict, info) -> dict:
         **case, "max_rel_err": rel[worst], "worst_param": worst,
         "loss_diff": abs(loss.item() - ref_loss.item()),
         "reductions": reductions[0], "reductions_plain": ref_reductions[0],
-        "gathers": gathers["calls"], "hooks_restored": hooks_restored,
+        "gathers": gathers["calls"], "hooks_restored": hooks_restored, "recovered": recovered,
         "grad_norm": torch.stack([g.norm() for g in ref.values()]).norm().item(),
         "region_grad_norm": sum(g.norm().item() for n, g in ref.items() if n.startswith("visual.regions.")),
         "logit_scale_grad": ref["logit_scale"].item(),

@@ -23,6 +23,8 @@ CASES = {
         dict(BASE, name="hier-zero2", stage=2, loss="pyramid", attention="hier"),
         # Dropout off: the reference is literally one forward of the whole batch (recipes/step.py's plain path).
         dict(BASE, name="full-batch-reference", stage=3, loss="pyramid", dropout=0.0),
+        # A cached step that raises after its no-grad passes (parameters gathered, hooks aside) comes first.
+        dict(BASE, name="zero3-after-a-failed-step", stage=3, loss="clip", fail_first=True),
     ],
     2: MATRIX + [
         dict(BASE, name="rank1-lacks-regions-and-summaries", stage=3, loss="pyramid", missing_on_rank1=True),
@@ -60,6 +62,8 @@ def test_cached_gradients_equal_full_batch(tmp_path, world):
         expected = r["reductions_plain"] * (CHUNKS_PER_STEP if r["reduction"] == "boundary" else 1)
         assert r["reductions"] == expected, name
         assert r["hooks_restored"], f"{name}: a module's hooks differ after the cached step"
+        if r.get("fail_first"):
+            assert r["recovered"], f"{name}: hooks or gathered parameters left behind by the failed step"
         if world == 2 and r["stage"] == 3:
             # ZeRO-3: the whole model in one all-gather per step, or (gather: pass) in every one of 3 passes per chunk.
             if r.get("gather") == "pass":
