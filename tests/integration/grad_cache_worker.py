@@ -6,8 +6,9 @@ case to OUT_FILE.
 
 A case: {"name", "stage": 2|3, "loss": clip|pyramid, "attention": vanilla|hier, "region_source", "dropout", "reduction",
 "missing_on_rank1": bool (rank 1's samples have no regions and no summaries), "replay_rng": bool, optional
-"patch_dropout", "gather" (grad_cache.gather) and "fail_first" (a cached step whose loss raises runs first)}. Also counted: the parameter all-gathers of the cached step, and
-whether every module's hooks are the same after it as before.
+"patch_dropout", "gather" (grad_cache.gather) and "fail_first" (a cached step whose loss raises runs first)}.
+Also counted: the parameter all-gathers of the cached step, and whether every module's hooks are the same after
+it as before.
 """
 import json
 import sys
@@ -138,7 +139,8 @@ def run_case(case: dict, info) -> dict:
     torch.manual_seed(100 + info.rank)
     # The negative control: without the RNG replay the chunks' dropout masks differ between the two passes.
     no_replay = mock.patch.object(grad_cache, "_set_rng_state", lambda state: None)
-    with nullcontext() if case["replay_rng"] else no_replay, count_reductions(reductions), counting_gathers() as gathers:
+    replay = nullcontext() if case["replay_rng"] else no_replay
+    with replay, count_reductions(reductions), counting_gathers() as gathers:
         loss, metrics = cached_backward(engine, batch, loss_fn, cfg)
     hooks_restored = module_hooks(engine) == hooks_before
     got = full_grads(engine)

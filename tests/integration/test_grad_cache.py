@@ -32,7 +32,7 @@ CASES = {
         # Each replayed chunk draws the same kept rows and columns as its first pass (the RNG replay covers it).
         dict(BASE, name="hier-zero3-patch-dropout", stage=3, loss="pyramid", attention="hier", patch_dropout=0.5),
         dict(BASE, name="boundary-reduction", stage=3, loss="pyramid", reduction="boundary"),
-        # DeepSpeed's own per-module gathers in every pass (what `auto` falls back to when the model may not stay whole).
+        # DeepSpeed's own per-module gathers in every pass (`auto`'s fallback when the model may not stay whole).
         dict(BASE, name="gather-per-pass", stage=3, loss="pyramid", attention="hier", gather="pass"),
         # Regions from precomputed detector features (a linear embedding) instead of ROI-align over the tower.
         dict(BASE, name="detector-features-zero3", stage=3, loss="pyramid", region_source="features"),
