@@ -6,7 +6,8 @@ Ours: `recipes.step.train_step` through the DeepSpeed engine (ZeRO-2, world of o
 trainer makes. Reference: open_clip's model and ClipLoss with a plain torch AdamW, the standard CLIP step, and
 the same with torch's fused AdamW (what our engine uses), so the comparison does not rest on the optimizer.
 Same tower sizes, batch and precision (fp32); data are in-memory tensors so the loader is not measured.
-Variants are interleaved repeat by repeat and compared by the ratio of medians.
+Variants are interleaved repeat by repeat and compared by the ratio of medians (`<ratio>`) and by the median
+of the per-repeat ratios (`<ratio>_paired`).
 
 `vanilla_clip_guard` is `vanilla_clip` with the divergence guard around the step, as the trainer runs it
 (`guard_overhead`: its median step time over the unguarded one's, minus 1). On a world of one the guard's
@@ -184,6 +185,10 @@ def main() -> None:
     }
     result = {"bench": "step", "batch": args.batch}
     result.update({key: round(median[a] / median[b], 3) for key, (a, b) in ratios.items() if a in median and b in median})
+    # The same ratios paired round by round (each round runs every variant back to back): the median of the
+    # per-round ratios, which a slow spell of a shared machine spanning several rounds moves less.
+    result.update({f"{key}_paired": round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
+                   for key, (a, b) in ratios.items() if a in median and b in median})
     flops = flop_ratios()
     result.update({f"{k}_flop_ratio": round(v, 3) for k, v in flops.items()})
     if "pyramid_vs_vanilla" in result:

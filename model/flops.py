@@ -11,7 +11,8 @@ the block's tokens. `model.hier_prior` folds them into one token GEMM by associa
 (t_u W_Qᵀ W_K + b_Q W_K)·t_v), so one [N, d]×[d, d] product counts; the d×d×d product W_QᵀW_K is paid once
 per batch (≤ 3% of the prior at batch ≥ 64 on B/16, a third at batch 8) and left out of the per-sample count
 (`prior_batch` counts a whole batch), like the O(N) and O(N²) elementwise link scores,
-cumulative costs and C.
+cumulative costs and C. The neighbour scores count as elementwise work even where a small grid reads them
+off a Gram matrix (`model.hier_prior.gram_scores`): a way to compute them, not work the model needs.
 PyramidCLIP (docs/method.md §2): two image views and three texts per sample, plus the region branch: R box or detector
 features embedded to width, then the top blocks over 1 + R tokens behind a region CLS, through the shared head.
 """

@@ -72,13 +72,13 @@ class _MultiplyAttention(torch.autograd.Function):
 
     What this costs over fused attention on a CPU is memory traffic, so it runs head by head on the packed
     layout: each head's q, k, v are [B, N, D] matrices with a row stride of 3·H·D, which batched GEMMs read in
-    place, and each head's output and q, k, v gradients are written by the GEMM straight into their slot of a
-    [B, N, H, D] or [B, N, 3, H, D] buffer. Taking the heads apart as [B, H, N, D] instead copies q, k, v into
-    that layout, then each of their gradients back (autograd's stack of the three is a strided transpose), ~25%
-    of this function's time. The 1/√d goes onto the scores with the mask in one pass, and onto dQ and dK
-    (smaller than dS when N > D); the score gradient is formed in place in dO Vᵀ's buffer with one fused pass
-    (addcmul).
-    (baddbmm would fold the scale into the GEMM, but on CPU it falls back to one addmm per matrix.)
+    place (taking the heads apart as [B, H, N, D] copies q, k, v into that layout, then each of their gradients
+    back). What the GEMMs write goes to head-major buffers, [H, B, N, D] for the output and [3, H, B, N, D] for
+    the gradients, each permuted into the packed layout by one copy at the end: a GEMM writes a head's slot of
+    the packed layout only one sample at a time (torch's CPU bmm takes its batched BLAS call only for a
+    contiguous result), which made those products twice as slow as the copy costs. The 1/√d rides on the GEMMs
+    (baddbmm's alpha) for the scores, dQ and dK; the mask is the scores' initial value; the score gradient is
+    formed in place in dO Vᵀ's buffer with one fused pass (addcmul).
     """
 
     @staticmethod
@@ -87,17 +87,19 @@ class _MultiplyAttention(torch.autograd.Function):
         acc = torch.promote_types(qkv.dtype, torch.float32)
         scale = d**-0.5
         c = log_c.to(acc).exp()[:, 0]  # [B, N, N], shared by the heads
-        bias = None if mask is None else mask[:, 0].to(qkv.dtype).expand(b, n, n)
-        out = qkv.new_empty(b, n, heads, d)
+        # The scores' initial value: the mask, or nothing (beta = 0 ignores it).
+        start = qkv.new_zeros(()).expand(b, n, n) if mask is None else mask[:, 0].to(qkv.dtype).expand(b, n, n)
+        beta = 0.0 if mask is None else 1.0
+        out = qkv.new_empty(heads, b, n, d)
         probs = []
         for h in range(heads):
             q, k, v = qkv[:, :, 0, h], qkv[:, :, 1, h], qkv[:, :, 2, h]
-            scores = torch.bmm(q, k.transpose(1, 2))
-            scores = scores.mul_(scale) if bias is None else torch.add(bias, scores, alpha=scale, out=scores)
+            scores = torch.baddbmm(start, q, k.transpose(1, 2), beta=beta, alpha=scale)
             p = scores.softmax(dim=-1, dtype=acc)
             del scores
-            torch.bmm((p * c).to(v.dtype), v, out=out[:, :, h])
+            torch.bmm((p * c).to(v.dtype), v, out=out[h])
             probs.append(p)
+        out = out.permute(1, 2, 0, 3).contiguous()  # [B, N, H, D]
         ctx.save_for_backward(qkv, out, c, *probs)
         ctx.log_c_dtype, ctx.scale = log_c.dtype, scale
         return out
@@ -106,20 +108,22 @@ class _MultiplyAttention(torch.autograd.Function):
     def backward(ctx, d_out: Tensor):
         qkv, out, c, *probs = ctx.saved_tensors
         scale = ctx.scale
-        d_qkv = torch.empty_like(qkv)
+        b, n, _, heads, d = qkv.shape
+        grads = qkv.new_empty(3, heads, b, n, d)  # dQ, dK, dV, head-major
         d_log_c = torch.zeros_like(c)
         delta = (d_out.to(c.dtype) * out.to(c.dtype)).sum(dim=-1)  # [B, N, H]
         for h, p in enumerate(probs):
             q, k, v, g = qkv[:, :, 0, h], qkv[:, :, 1, h], qkv[:, :, 2, h], d_out[:, :, h]
             w = p * c
-            torch.bmm(w.to(v.dtype).transpose(1, 2), g, out=d_qkv[:, :, 2, h])  # dV = Wᵀ dO
+            torch.bmm(w.to(v.dtype).transpose(1, 2), g, out=grads[2, h])  # dV = Wᵀ dO
             dw = torch.bmm(g, v.transpose(1, 2)).to(w.dtype).mul_(w)  # W ⊙ (dO Vᵀ)
             del w
             d_log_c += dw
             ds = dw.addcmul_(p, delta[:, :, h, None], value=-1.0).to(qkv.dtype)  # ∂L/∂S
-            torch.bmm(ds, k, out=d_qkv[:, :, 0, h]).mul_(scale)  # dQ = dS K / √d
-            torch.bmm(ds.transpose(1, 2), q, out=d_qkv[:, :, 1, h]).mul_(scale)  # dK = dSᵀ Q / √d
-        return d_qkv, d_log_c[:, None].to(ctx.log_c_dtype), None
+            dq, dk = grads[0, h], grads[1, h]  # beta = 0: baddbmm ignores what the buffers hold
+            torch.baddbmm(dq, ds, k, beta=0.0, alpha=scale, out=dq)  # dQ = dS K / √d
+            torch.baddbmm(dk, ds.transpose(1, 2), q, beta=0.0, alpha=scale, out=dk)  # dK = dSᵀ Q / √d
+        return grads.permute(2, 3, 0, 1, 4).contiguous(), d_log_c[:, None].to(ctx.log_c_dtype), None
 
 
 def _log_prior_and_mask(prior: ConstituentPrior, n: int, causal: bool, device) -> tuple[Tensor, Tensor | None]:

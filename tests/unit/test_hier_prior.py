@@ -182,3 +182,23 @@ def test_one_row_one_column_and_single_patch_grids(grid, has_cls):
     torch.testing.assert_close(out, reference_attention(q, k, v, prior, causal=False))
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("grid", [(3, 4), (1, 5), (4, 1), (1, 1)])
+def test_grid_scores_from_the_gram_matrix_equal_the_elementwise_ones(grid):
+    """Both ways to score a grid's neighbours (model.hier_prior.gram_scores picks one by size): the same four score
+    maps and the same gradients, in float64, on both sides of a sample boundary."""
+    from model.hier_prior import _GridGramDots, _NeighbourDots, gram_scores
+
+    assert gram_scores(7 * 7) and not gram_scores(14 * 14)
+    torch.manual_seed(0)
+    a, t = (torch.randn(3, *grid, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    gram, elementwise = _GridGramDots.apply(a, t), _NeighbourDots.apply(a, t, 1, 2)
+    for got, want in zip(gram, elementwise, strict=True):
+        torch.testing.assert_close(got, want)
+    weights = [torch.randn_like(s) for s in elementwise]
+    for got, want in zip(torch.autograd.grad(gram, (a, t), weights), torch.autograd.grad(elementwise, (a, t), weights)):
+        torch.testing.assert_close(got, want)
+    # the south score of patch (0, 0) by hand: its query against the key one row down
+    if grid[0] > 1:
+        torch.testing.assert_close(gram[0][1, 0, 0], a[1, 0, 0] @ t[1, 1, 0])
