@@ -184,11 +184,12 @@ def main() -> None:
         "hier_pyramid_vs_vanilla": ("hier_pyramid", "vanilla_clip"),
     }
     result = {"bench": "step", "batch": args.batch}
-    result.update({key: round(median[a] / median[b], 3) for key, (a, b) in ratios.items() if a in median and b in median})
+    measured = {key: (a, b) for key, (a, b) in ratios.items() if a in median and b in median}
+    result.update({key: round(median[a] / median[b], 3) for key, (a, b) in measured.items()})
     # The same ratios paired round by round (each round runs every variant back to back): the median of the
     # per-round ratios, which a slow spell of a shared machine spanning several rounds moves less.
     result.update({f"{key}_paired": round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
-                   for key, (a, b) in ratios.items() if a in median and b in median})
+                   for key, (a, b) in measured.items()})
     flops = flop_ratios()
     result.update({f"{k}_flop_ratio": round(v, 3) for k, v in flops.items()})
     if "pyramid_vs_vanilla" in result:
